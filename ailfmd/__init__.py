@@ -1,0 +1,3 @@
+"""ailfmd: thermal-aware scheduling for CPU inference servers."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Platforms: the real Linux machine and the simulated chip, behind one protocol."""

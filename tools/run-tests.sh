@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Install everything the tests need and run them. CI runs exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tools/bootstrap.sh test
+exec .venv/bin/python -m pytest "$@"
