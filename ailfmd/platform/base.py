@@ -191,6 +191,7 @@ CAPABILITY_NAMES = (
 @dataclass(frozen=True)
 class Capabilities:
     items: Mapping[str, Capability]
+    notes: tuple[str, ...] = ()  # what discovery noticed: quirks, guesses, conflicts
 
     def has(self, name: str) -> bool:
         item = self.items.get(name)

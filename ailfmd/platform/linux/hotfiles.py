@@ -1,0 +1,76 @@
+"""Keep hot sysfs/procfs files open and re-read them with ``os.pread``.
+
+A sensor sweep touches hundreds of files every epoch; opening each one costs a path
+walk and a file object. kernfs regenerates a sysfs attribute on every read at offset 0,
+so one open descriptor serves for the life of the file.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from ailfmd.errors import SysfsError
+from ailfmd.platform.linux.sysfs import Root
+
+
+class HotFiles:
+    """A cache of read-only descriptors under one root."""
+
+    def __init__(self, root: Root) -> None:
+        self.root = root
+        self._fds: dict[str, int] = {}
+
+    def _fd(self, rel: str) -> int:
+        fd = self._fds.get(rel)
+        if fd is None:
+            try:
+                fd = os.open(self.root.join(rel), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise SysfsError(rel, "missing") from None
+            except PermissionError:
+                raise SysfsError(rel, "permission denied") from None
+            except OSError as e:
+                raise SysfsError(rel, f"open failed: {errno.errorcode.get(e.errno or 0, e)}") from None
+            self._fds[rel] = fd
+        return fd
+
+    def read_str(self, rel: str) -> str:
+        fd = self._fd(rel)
+        try:
+            raw = os.pread(fd, 4096, 0)
+        except IsADirectoryError:
+            self.forget(rel)
+            raise SysfsError(rel, "is a directory") from None
+        except OSError as e:
+            # ENODATA (firmware has no reading yet), EIO, EAGAIN: no value this time.
+            # ENODEV/ESTALE: the device went away; reopen on the next read.
+            if e.errno in (errno.ENODEV, errno.ESTALE, errno.ENOENT):
+                self.forget(rel)
+            raise SysfsError(rel, f"read failed: {errno.errorcode.get(e.errno or 0, e)}") from None
+        try:
+            return raw.decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise SysfsError(rel, "not text") from None
+
+    def read_int(self, rel: str) -> int:
+        text = self.read_str(rel)
+        if not text:
+            raise SysfsError(rel, "empty")
+        try:
+            return int(text)
+        except ValueError:
+            raise SysfsError(rel, f"not an integer: {text[:40]!r}") from None
+
+    def forget(self, rel: str) -> None:
+        fd = self._fds.pop(rel, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __len__(self) -> int:
+        return len(self._fds)

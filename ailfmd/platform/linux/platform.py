@@ -1,0 +1,217 @@
+"""``LinuxPlatform``: the real machine behind the Platform protocol.
+
+Discovery (topology, sensors, cpufreq policies) happens at construction and again on
+:meth:`rediscover` (hotplug); each epoch only re-reads the hot files through open
+descriptors. Every change is journaled before it is made (see ``journal.py``) so that
+:meth:`restore` — or :func:`restore_journal` in a later process after a SIGKILL — puts
+the machine back.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from ailfmd.errors import AilfmError, WriteRefused
+from ailfmd.platform.base import (
+    Action,
+    ApplyOutcome,
+    ApplyResult,
+    Capabilities,
+    Capability,
+    CpuState,
+    FreqPolicy,
+    Observation,
+    Topology,
+)
+from ailfmd.platform.linux import cpufreq
+from ailfmd.platform.linux.hotfiles import HotFiles
+from ailfmd.platform.linux.hwmon import discover_hwmon
+from ailfmd.platform.linux.journal import Journal
+from ailfmd.platform.linux.others import find_other_managers
+from ailfmd.platform.linux.restore import restore_journal
+from ailfmd.platform.linux.sysfs import Root
+from ailfmd.platform.linux.temps import TempPlan, cpu_temperatures, plan_temperatures, read_sensors
+from ailfmd.platform.linux.thermal_zones import discover_zones
+from ailfmd.platform.linux.threads import ThreadTracker
+from ailfmd.platform.linux.topology import read_topology
+from ailfmd.platform.linux.targets import TargetSelector
+
+DEFAULT_RUN_DIR = "/run/ailfmd"
+
+
+@dataclass(frozen=True)
+class _Discovery:
+    topology: Topology
+    plan: TempPlan
+    policies: tuple[cpufreq.PolicyStatic, ...]
+    policy_of_cpu: dict[int, int]  # cpu -> index into policies
+    throttle_cpus: tuple[int, ...]
+    notes: tuple[str, ...]
+
+
+class LinuxPlatform:
+    """The running Linux machine (or a fixture tree of one)."""
+
+    def __init__(
+        self,
+        sysfs_root: str | os.PathLike[str] = "/sys",
+        procfs_root: str | os.PathLike[str] = "/proc",
+        run_dir: str | os.PathLike[str] = DEFAULT_RUN_DIR,
+        targets: TargetSelector | None = None,
+        cgroupfs_root: str | os.PathLike[str] = "/sys/fs/cgroup",
+        use_perf: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.sysfs = Root(sysfs_root)
+        self.procfs = Root(procfs_root)
+        self.journal = Journal(run_dir)
+        self._clock = clock
+        self._hot = HotFiles(self.sysfs)
+        self.threads = ThreadTracker(
+            self.procfs, Root(cgroupfs_root), targets or TargetSelector(), use_perf=use_perf
+        )
+        self._d = self._discover()
+
+    # ------------------------------------------------------------------ discovery
+    def _discover(self) -> _Discovery:
+        topo = read_topology(self.sysfs)
+        notes: list[str] = []
+        policies = []
+        policy_of_cpu: dict[int, int] = {}
+        for p in cpufreq.discover_policies(self.sysfs, topo.online_cpus):
+            st = cpufreq.read_static(self.sysfs, p)
+            for cpu in p.cpus:
+                policy_of_cpu[cpu] = len(policies)
+            policies.append(st)
+            notes.extend(st.errors)
+        policy_cpus = {cpu: policies[i].paths.cpus for cpu, i in policy_of_cpu.items()}
+        plan = plan_temperatures(topo, discover_hwmon(self.sysfs), discover_zones(self.sysfs), policy_cpus)
+        notes.extend(plan.notes)
+        throttle = tuple(
+            c for c in topo.online_cpus if self.sysfs.exists(f"devices/system/cpu/cpu{c}/thermal_throttle")
+        )
+        notes.extend(f"another manager is running: {m}" for m in find_other_managers(self.procfs, os.getpid()))
+        return _Discovery(topo, plan, tuple(policies), policy_of_cpu, throttle, tuple(notes))
+
+    def rediscover(self) -> None:
+        """Re-read topology, sensors and policies (CPU or sensor hotplug)."""
+        self._hot.close()
+        self._d = self._discover()
+
+    # ------------------------------------------------------------------ protocol
+    def topology(self) -> Topology:
+        return self._d.topology
+
+    def capabilities(self) -> Capabilities:
+        d = self._d
+        n = len(d.topology.cpus)
+        scopes = [c[0].sensor.scope if c else None for c in d.plan.per_cpu.values()]
+        per_core = sum(1 for s in scopes if s == "core")
+        any_temp = sum(1 for s in scopes if s is not None)
+        writable = [
+            p for p in d.policies if os.access(self.sysfs.join(f"{p.paths.dir_rel}/scaling_max_freq"), os.W_OK)
+        ]
+        items = {
+            "per_core_temperature": Capability(
+                per_core == n and n > 0, f"{per_core} of {n} CPUs have a per-core sensor"
+            ),
+            "package_temperature": Capability(
+                any_temp > 0,
+                f"{any_temp} of {n} CPUs have some temperature source"
+                + ("" if any_temp else "; placement only, frequency left untouched"),
+            ),
+            "frequency_read": Capability(bool(d.policies), f"{len(d.policies)} cpufreq policies"),
+            "frequency_cap": Capability(
+                bool(writable),
+                f"scaling_max_freq writable on {len(writable)} of {len(d.policies)} policies"
+                if d.policies
+                else "no cpufreq (VM or cpufreq disabled)",
+            ),
+            "throttle_counters": Capability(
+                bool(d.throttle_cpus), f"thermal_throttle on {len(d.throttle_cpus)} of {n} CPUs"
+            ),
+        }
+        items.update(self.threads.capabilities())
+        return Capabilities(items=items, notes=d.notes)
+
+    def temperature_plan(self) -> TempPlan:
+        return self._d.plan
+
+    def read_policies(self) -> tuple[FreqPolicy, ...]:
+        return tuple(cpufreq.read_policy(self._hot, st) for st in self._d.policies)
+
+    def observe(self) -> Observation:
+        d = self._d
+        readings = read_sensors(self._hot, d.plan)
+        temps = cpu_temperatures(d.plan, readings)
+        policies = self.read_policies()
+        throttles = {c: cpufreq.read_throttle(self._hot, c) for c in d.throttle_cpus}
+        cpus = {}
+        for cpu in d.topology.online_cpus:
+            pi = d.policy_of_cpu.get(cpu)
+            pol = policies[pi] if pi is not None else None
+            cpus[cpu] = CpuState(
+                cpu=cpu,
+                temp=temps[cpu],
+                freq_khz=pol.cur_khz if pol else None,
+                cap_khz=pol.max_khz if pol else None,
+                hw_min_khz=pol.hw_min_khz if pol else None,
+                hw_max_khz=pol.hw_max_khz if pol else None,
+                throttle=throttles.get(cpu),
+            )
+        return Observation(
+            time_s=self._clock(),
+            cpus=cpus,
+            threads=self.threads.sample(),
+            sensors=tuple(readings.values()),
+            policies=policies,
+        )
+
+    # ------------------------------------------------------------------ actuation
+    def apply(self, action: Action) -> ApplyResult:
+        outcomes = [self._apply_cap(i, cap) for i, cap in self._caps_by_policy(action).items()]
+        for ref, cpus in action.affinity.items():
+            outcomes.append(self.threads.set_affinity(ref, cpus, self.journal))
+        return ApplyResult(tuple(outcomes))
+
+    def _caps_by_policy(self, action: Action) -> dict[int, int]:
+        # One policy may cover several CPUs: the lowest cap asked for any of them wins.
+        out: dict[int, int] = {}
+        for cpu, cap in action.freq_cap_khz.items():
+            pi = self._d.policy_of_cpu.get(cpu)
+            if pi is not None:
+                out[pi] = min(cap, out.get(pi, cap))
+        return out
+
+    def _apply_cap(self, pi: int, cap_khz: int) -> ApplyOutcome:
+        st = self._d.policies[pi]
+        target = f"policy{st.paths.policy_id}"
+        rel = f"{st.paths.dir_rel}/scaling_max_freq"
+        live = cpufreq.read_policy(self._hot, st)
+        if live.max_khz is None:
+            return ApplyOutcome(target, f"{cap_khz} kHz", None, False, "scaling_max_freq unreadable")
+        value, note = cpufreq.clamp_cap(st, live, cap_khz)
+        if value == live.max_khz:
+            return ApplyOutcome(target, f"{cap_khz} kHz", f"{value} kHz", True, note or "unchanged")
+        try:
+            self.journal.record(
+                {"kind": "sysfs", "root": str(self.sysfs.path), "path": rel, "original": str(live.max_khz)}
+            )
+            got = cpufreq.write_max_freq(self.sysfs, st, value)
+        except (WriteRefused, AilfmError, OSError) as e:
+            return ApplyOutcome(target, f"{cap_khz} kHz", None, False, str(e))
+        ok = got == value
+        detail = note if ok else f"kernel reports {got} kHz after writing {value}"
+        return ApplyOutcome(target, f"{cap_khz} kHz", f"{got} kHz", ok, detail)
+
+    def restore(self) -> ApplyResult:
+        """Put back every value this or an earlier (killed) process changed."""
+        return restore_journal(self.journal, self.procfs)
+
+    def close(self) -> None:
+        self._hot.close()
+        self.threads.close()
+        self.journal.close()

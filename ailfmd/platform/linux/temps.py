@@ -1,0 +1,233 @@
+"""Choose, for every CPU, the best temperature source the machine has, and read it.
+
+Best first (DESIGN.md §2):
+1. Intel coretemp "Core N" of the CPU's package and core id (per core);
+2. AMD k10temp ``Tccd<k>`` of the CPU's CCD (per CCD = per L3 domain);
+3. coretemp "Package id P" (per package);
+4. k10temp ``Tdie`` then ``Tctl`` (per package; Tctl may carry a fan-control offset);
+5. a thermal zone bound to the cpufreq cooling device of the CPU's policy;
+6. the x86_pkg_temp zone of the CPU's package;
+7. the most CPU-like remaining zone (cpu*, soc*, acpitz), for every CPU.
+Each CPU keeps the whole ranked list: when the best source has no value this epoch
+(ENODATA, EIO, garbage) the next one is used and the reason says so.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from ailfmd.errors import SysfsError
+from ailfmd.platform.base import CpuTemp, TempReading, TempSensor, Topology
+from ailfmd.platform.linux.hotfiles import HotFiles
+from ailfmd.platform.linux.hwmon import HwmonChip
+from ailfmd.platform.linux.thermal_zones import ThermalZone, zone_rank
+from ailfmd.platform.linux.topology import llc_domains
+
+# Readings outside this range are sensor faults (0xFF.. patterns, -273 from a broken
+# ACPI method), not temperatures.
+PLAUSIBLE_MIN_C = -40.0
+PLAUSIBLE_MAX_C = 150.0
+
+_CORE_LABEL = re.compile(r"^Core\s+(\d+)$", re.IGNORECASE)
+_PKG_LABEL = re.compile(r"^(?:Package|Physical)\s+id\s+(\d+)$", re.IGNORECASE)
+_TCCD_LABEL = re.compile(r"^Tccd(\d+)$", re.IGNORECASE)
+_AMD_CHIPS = ("k10temp", "zenpower")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    sensor: TempSensor
+    reason: str
+
+
+@dataclass(frozen=True)
+class TempPlan:
+    """Every temperature sensor found and, per CPU, its ranked candidates."""
+
+    sensors: tuple[TempSensor, ...]
+    per_cpu: dict[int, tuple[Candidate, ...]]
+    notes: tuple[str, ...] = ()
+    limits_c: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)  # path -> (max, crit)
+
+
+def _hwmon_sensor(chip: HwmonChip, sensor: str, label: str, path: str, kind: str, scope: str) -> TempSensor:
+    return TempSensor(kind=kind, chip=chip.chip, sensor=sensor, label=label, scope=scope, path=path)
+
+
+def _coretemp_packages(chips: list[HwmonChip], notes: list[str]) -> dict[str, int]:
+    """chip name -> package id, from the "Package id P" label or the coretemp.N device."""
+    by_label: dict[str, int] = {}
+    for chip in chips:
+        for t in chip.temps:
+            m = _PKG_LABEL.match(t.label)
+            if m:
+                by_label[chip.chip] = int(m.group(1))
+                break
+    if len(by_label) == len(chips) and len(set(by_label.values())) == len(chips):
+        return by_label
+    # Labels missing or repeated (some firmware says "Physical id 0" on every socket):
+    # the platform device index coretemp.N is the package's logical id.
+    out: dict[str, int] = {}
+    for i, chip in enumerate(sorted(chips, key=lambda c: c.device_rel or c.chip)):
+        m = re.search(r"coretemp\.(\d+)$", chip.device_rel or "")
+        out[chip.chip] = int(m.group(1)) if m else i
+    if by_label:
+        notes.append("coretemp package labels are missing or repeated; packages mapped by coretemp.N device index")
+    return out
+
+
+def plan_temperatures(
+    topology: Topology,
+    chips: list[HwmonChip],
+    zones: list[ThermalZone],
+    policy_cpus: dict[int, tuple[int, ...]],
+) -> TempPlan:
+    """Rank temperature sources for every online CPU.
+
+    ``policy_cpus`` maps each CPU to the CPUs of its cpufreq policy (for zones bound to a
+    ``cpufreq-cpuK`` cooling device).
+    """
+    notes: list[str] = []
+    ranked: dict[int, list[tuple[int, Candidate]]] = {cpu: [] for cpu in topology.cpus}
+    sensors: dict[str, TempSensor] = {}
+    packages = topology.packages()
+
+    def add(cpus: tuple[int, ...] | list[int], rank: int, sensor: TempSensor, reason: str) -> None:
+        sensors[sensor.path] = sensor
+        for cpu in cpus:
+            if cpu in ranked:
+                ranked[cpu].append((rank, Candidate(sensor, reason)))
+
+    coretemps = [c for c in chips if c.chip_name == "coretemp"]
+    pkg_of_chip = _coretemp_packages(coretemps, notes)
+    for chip in coretemps:
+        pkg = pkg_of_chip[chip.chip]
+        pkg_cpus = packages.get(pkg, ())
+        for t in chip.temps:
+            if (m := _CORE_LABEL.match(t.label)) is not None:
+                core = int(m.group(1))
+                cpus = [c for c in pkg_cpus if topology.cpus[c].core_id == core]
+                s = _hwmon_sensor(chip, t.sensor, t.label, t.input_rel, "coretemp", "core")
+                add(cpus, 1, s, f"per-core coretemp ({t.label}, package {pkg})")
+            elif _PKG_LABEL.match(t.label):
+                s = _hwmon_sensor(chip, t.sensor, t.label, t.input_rel, "coretemp", "package")
+                add(pkg_cpus, 3, s, f"package-level coretemp ({t.label})")
+
+    amd = sorted((c for c in chips if c.chip_name in _AMD_CHIPS), key=lambda c: c.device_rel or c.chip)
+    pkg_ids = sorted(packages)
+    llcs = llc_domains(topology)
+    for i, chip in enumerate(amd):
+        # One k10temp per package (PCI function 18.3, 19.3, ...), in bus order.
+        if i >= len(pkg_ids):
+            notes.append(f"{chip.chip}: more {chip.chip_name} chips than packages; ignored")
+            continue
+        pkg = pkg_ids[i]
+        pkg_cpus = packages[pkg]
+        ccds = [d for d in llcs if set(d) <= set(pkg_cpus)]
+        for t in chip.temps:
+            label = t.label
+            if (m := _TCCD_LABEL.match(label)) is not None:
+                k = int(m.group(1))
+                if 1 <= k <= len(ccds):
+                    s = _hwmon_sensor(chip, t.sensor, label, t.input_rel, chip.chip_name, "ccd")
+                    add(ccds[k - 1], 2, s, f"per-CCD {chip.chip_name} {label} (L3 domain {k})")
+                else:
+                    notes.append(f"{chip.chip}/{t.sensor}: {label} has no matching L3 domain; not mapped")
+            elif label.lower() == "tdie":
+                s = _hwmon_sensor(chip, t.sensor, label, t.input_rel, chip.chip_name, "package")
+                add(pkg_cpus, 4, s, f"package-level {chip.chip_name} Tdie")
+            elif label.lower() == "tctl":
+                s = _hwmon_sensor(chip, t.sensor, label, t.input_rel, chip.chip_name, "package")
+                add(pkg_cpus, 5, s, f"package-level {chip.chip_name} Tctl (may include a fan-control offset)")
+
+    pkg_zones = [z for z in zones if z.type == "x86_pkg_temp"]
+    for i, z in enumerate(pkg_zones):
+        if i < len(pkg_ids):
+            s = TempSensor("thermal_zone", z.zone, z.zone, z.type, "package", z.temp_rel)
+            add(packages[pkg_ids[i]], 7, s, f"x86_pkg_temp zone {z.zone} (package {pkg_ids[i]})")
+    best_generic: ThermalZone | None = None
+    for z in zones:
+        if z.cooled_cpus:
+            cpus = sorted({c for k in z.cooled_cpus for c in policy_cpus.get(k, (k,))})
+            s = TempSensor("thermal_zone", z.zone, z.zone, z.type, "zone", z.temp_rel)
+            add(cpus, 6, s, f"thermal zone {z.zone} ({z.type}) cooling cpufreq CPUs {cpus[0]}..")
+        elif z.type != "x86_pkg_temp":
+            r = zone_rank(z.type)
+            if r is not None and (best_generic is None or r < (zone_rank(best_generic.type) or 99)):
+                best_generic = z
+    if best_generic is not None:
+        z = best_generic
+        s = TempSensor("thermal_zone", z.zone, z.zone, z.type, "zone", z.temp_rel)
+        add(list(topology.cpus), 8, s, f"thermal zone {z.zone} ({z.type}), not CPU-specific")
+
+    # Sensors that measure no CPU (board, Wi-Fi, NVMe...) are still read and reported.
+    for chip in chips:
+        for t in chip.temps:
+            if t.input_rel not in sensors:
+                kind = chip.chip_name if chip.chip_name in ("coretemp", *_AMD_CHIPS) else "hwmon"
+                sensors[t.input_rel] = _hwmon_sensor(chip, t.sensor, t.label, t.input_rel, kind, "other")
+    for z in zones:
+        if z.temp_rel not in sensors:
+            sensors[z.temp_rel] = TempSensor("thermal_zone", z.zone, z.zone, z.type, "zone", z.temp_rel)
+
+    per_cpu = {
+        cpu: tuple(c for _, c in sorted(items, key=lambda rc: rc[0])) for cpu, items in ranked.items()
+    }
+    limits: dict[str, tuple[float | None, float | None]] = {}
+    for chip in chips:
+        for t in chip.temps:
+            if t.max_c is not None or t.crit_c is not None:
+                limits[t.input_rel] = (t.max_c, t.crit_c)
+    for z in zones:
+        crit = [t for kind, t in z.trip_points_c if kind == "critical"]
+        soft = [t for kind, t in z.trip_points_c if kind in ("passive", "hot")]
+        if crit or soft:
+            limits[z.temp_rel] = (min(soft) if soft else None, min(crit) if crit else None)
+    return TempPlan(sensors=tuple(sensors.values()), per_cpu=per_cpu, notes=tuple(notes), limits_c=limits)
+
+
+def read_millidegrees(hot: HotFiles, rel: str) -> float:
+    """One temperature file in °C; SysfsError for unreadable or implausible values."""
+    raw = hot.read_int(rel)
+    temp_c = raw / 1000.0
+    if not PLAUSIBLE_MIN_C <= temp_c <= PLAUSIBLE_MAX_C:
+        raise SysfsError(rel, f"implausible temperature {raw} m°C")
+    return temp_c
+
+
+def read_sensors(hot: HotFiles, plan: TempPlan) -> dict[str, TempReading]:
+    """Read every sensor once; keyed by path. Failures become readings with an error."""
+    out: dict[str, TempReading] = {}
+    for s in plan.sensors:
+        max_c, crit_c = plan.limits_c.get(s.path, (None, None))
+        try:
+            out[s.path] = TempReading(s, read_millidegrees(hot, s.path), max_c=max_c, crit_c=crit_c)
+        except SysfsError as e:
+            out[s.path] = TempReading(s, None, error=e.reason, max_c=max_c, crit_c=crit_c)
+    return out
+
+
+def cpu_temperatures(plan: TempPlan, readings: dict[str, TempReading]) -> dict[int, CpuTemp]:
+    """Per CPU: the first candidate with a value, with the reason and any fallback."""
+    out: dict[int, CpuTemp] = {}
+    for cpu, cands in plan.per_cpu.items():
+        skipped: list[str] = []
+        chosen: CpuTemp | None = None
+        for cand in cands:
+            r = readings.get(cand.sensor.path)
+            if r is not None and r.temp_c is not None:
+                reason = cand.reason
+                if skipped:
+                    reason += "; fallback because " + "; ".join(skipped)
+                chosen = CpuTemp(cpu, r.temp_c, cand.sensor, reason)
+                break
+            why = r.error if r is not None else "not read"
+            skipped.append(f"{cand.sensor.chip}/{cand.sensor.sensor}: {why}")
+        if chosen is None:
+            reason = "no temperature sensor for this CPU"
+            if skipped:
+                reason = "no readable sensor: " + "; ".join(skipped)
+            chosen = CpuTemp(cpu, None, None, reason)
+        out[cpu] = chosen
+    return out
