@@ -110,6 +110,10 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
 
 
+def _range_mhz(lo: int | None, hi: int | None) -> str:
+    return "-" if lo is None and hi is None else f"{_mhz(lo)}-{_mhz(hi)}"
+
+
 def _mhz(khz: int | None) -> str:
     return "-" if khz is None else f"{khz / 1000:.0f}"
 
@@ -160,8 +164,8 @@ def render_text(rep: dict[str, Any]) -> str:
                 format_cpu_list(p["cpus"]),
                 p["driver"],
                 p["governor"] or "-",
-                f"{_mhz(p['min_khz'])}-{_mhz(p['max_khz'])}",
-                f"{_mhz(p['hw_min_khz'])}-{_mhz(p['hw_max_khz'])}",
+                _range_mhz(p["min_khz"], p["max_khz"]),
+                _range_mhz(p["hw_min_khz"], p["hw_max_khz"]),
                 "active" if p["active_mode"] else "passive",
             ]
             for p in rep["frequency"]["policies"]

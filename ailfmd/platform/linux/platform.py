@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from ailfmd.errors import AilfmError, WriteRefused
+from ailfmd.errors import AilfmError, SysfsError, WriteRefused
 from ailfmd.platform.base import (
     Action,
     ApplyOutcome,
@@ -67,6 +67,10 @@ class LinuxPlatform:
     ) -> None:
         self.sysfs = Root(sysfs_root)
         self.procfs = Root(procfs_root)
+        if not os.path.isdir(self.sysfs.join("devices/system/cpu")):
+            raise SysfsError(str(sysfs_root), "not a sysfs tree (no devices/system/cpu)")
+        if not os.path.isdir(procfs_root):
+            raise SysfsError(str(procfs_root), "procfs root is not a directory")
         self.journal = Journal(run_dir)
         self._clock = clock
         self._hot = HotFiles(self.sysfs)

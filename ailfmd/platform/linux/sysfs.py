@@ -92,7 +92,8 @@ class Root:
         """Write one value the way sysfs wants it: one write() of the whole string."""
         p = self.join(rel)
         try:
-            fd = os.open(p, os.O_WRONLY)
+            # O_TRUNC as a shell redirection does: ignored by sysfs, needed on fixture trees.
+            fd = os.open(p, os.O_WRONLY | os.O_TRUNC)
         except FileNotFoundError:
             raise SysfsError(rel, "missing") from None
         except PermissionError:
