@@ -7,7 +7,7 @@ Best first (DESIGN.md §2):
 4. k10temp ``Tdie`` then ``Tctl`` (per package; Tctl may carry a fan-control offset);
 5. a thermal zone bound to the cpufreq cooling device of the CPU's policy;
 6. the x86_pkg_temp zone of the CPU's package;
-7. the most CPU-like remaining zone (cpu*, soc*, acpitz), for every CPU.
+7. every remaining CPU-like zone (cpu*, then soc*, then acpitz; by zone number), for every CPU.
 Each CPU keeps the whole ranked list: when the best source has no value this epoch
 (ENODATA, EIO, garbage) the next one is used and the reason says so.
 """
@@ -89,11 +89,11 @@ def plan_temperatures(
     ``cpufreq-cpuK`` cooling device).
     """
     notes: list[str] = []
-    ranked: dict[int, list[tuple[int, Candidate]]] = {cpu: [] for cpu in topology.cpus}
+    ranked: dict[int, list[tuple[float, Candidate]]] = {cpu: [] for cpu in topology.cpus}
     sensors: dict[str, TempSensor] = {}
     packages = topology.packages()
 
-    def add(cpus: tuple[int, ...] | list[int], rank: int, sensor: TempSensor, reason: str) -> None:
+    def add(cpus: tuple[int, ...] | list[int], rank: float, sensor: TempSensor, reason: str) -> None:
         sensors[sensor.path] = sensor
         for cpu in cpus:
             if cpu in ranked:
@@ -146,20 +146,16 @@ def plan_temperatures(
         if i < len(pkg_ids):
             s = TempSensor("thermal_zone", z.zone, z.zone, z.type, "package", z.temp_rel)
             add(packages[pkg_ids[i]], 7, s, f"x86_pkg_temp zone {z.zone} (package {pkg_ids[i]})")
-    best_generic: ThermalZone | None = None
     for z in zones:
         if z.cooled_cpus:
             cpus = sorted({c for k in z.cooled_cpus for c in policy_cpus.get(k, (k,))})
             s = TempSensor("thermal_zone", z.zone, z.zone, z.type, "zone", z.temp_rel)
             add(cpus, 6, s, f"thermal zone {z.zone} ({z.type}) cooling cpufreq CPUs {cpus[0]}..")
-        elif z.type != "x86_pkg_temp":
-            r = zone_rank(z.type)
-            if r is not None and (best_generic is None or r < (zone_rank(best_generic.type) or 99)):
-                best_generic = z
-    if best_generic is not None:
-        z = best_generic
-        s = TempSensor("thermal_zone", z.zone, z.zone, z.type, "zone", z.temp_rel)
-        add(list(topology.cpus), 8, s, f"thermal zone {z.zone} ({z.type}), not CPU-specific")
+        elif z.type != "x86_pkg_temp" and (r := zone_rank(z.type)) is not None:
+            # Every CPU-like zone stays a candidate, best name first, so one zone without
+            # a reading (ENODATA) falls through to the next.
+            s = TempSensor("thermal_zone", z.zone, z.zone, z.type, "zone", z.temp_rel)
+            add(list(topology.cpus), 8 + r / 10 + z.index / 1e6, s, f"thermal zone {z.zone} ({z.type}), not CPU-specific")
 
     # Sensors that measure no CPU (board, Wi-Fi, NVMe...) are still read and reported.
     for chip in chips:
