@@ -54,12 +54,13 @@ def test_bad_core_sensor_falls_back_to_package(tree: Path, tmp_path: Path, conte
     plat.close()
 
 
-def test_missing_sensor_file_is_skipped(tree: Path, tmp_path: Path) -> None:
+def test_core_without_sensor_uses_its_package(tree: Path, tmp_path: Path) -> None:
+    os.unlink(tree / CORE1_PKG0)  # a core the firmware reports no sensor for
     plat = _platform(tree, tmp_path)
-    os.unlink(tree / CORE1_PKG0)  # removed after discovery (driver unloaded)
     obs = plat.observe()
     assert obs.cpus[1].temp.temp_c == 55.0
-    assert "missing" in obs.cpus[1].temp.reason
+    assert obs.cpus[1].temp.reason.startswith("package-level coretemp")
+    assert not plat.capabilities().has("per_core_temperature")
     plat.close()
 
 

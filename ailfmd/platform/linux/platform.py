@@ -24,16 +24,17 @@ from ailfmd.platform.base import (
     CpuState,
     FreqPolicy,
     Observation,
+    ThrottleCounts,
     Topology,
 )
 from ailfmd.platform.linux import cpufreq
-from ailfmd.platform.linux.hotfiles import HotFiles
+from ailfmd.platform.linux.hotfiles import HotFiles, IntBank
 from ailfmd.platform.linux.hwmon import discover_hwmon
 from ailfmd.platform.linux.journal import Journal
 from ailfmd.platform.linux.others import find_other_managers
 from ailfmd.platform.linux.restore import restore_journal
 from ailfmd.platform.linux.sysfs import Root
-from ailfmd.platform.linux.temps import TempPlan, cpu_temperatures, plan_temperatures, read_sensors
+from ailfmd.platform.linux.temps import TempPlan, cpu_temperatures, plan_temperatures, readings_from_values
 from ailfmd.platform.linux.thermal_zones import discover_zones
 from ailfmd.platform.linux.threads import ThreadTracker
 from ailfmd.platform.linux.topology import read_topology
@@ -64,6 +65,7 @@ class LinuxPlatform:
         cgroupfs_root: str | os.PathLike[str] = "/sys/fs/cgroup",
         use_perf: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        slow_every: int = 10,
     ) -> None:
         self.sysfs = Root(sysfs_root)
         self.procfs = Root(procfs_root)
@@ -77,7 +79,9 @@ class LinuxPlatform:
         self.threads = ThreadTracker(
             self.procfs, Root(cgroupfs_root), targets or TargetSelector(), use_perf=use_perf
         )
+        self.slow_every = slow_every
         self._d = self._discover()
+        self._open_banks()
 
     # ------------------------------------------------------------------ discovery
     def _discover(self) -> _Discovery:
@@ -100,10 +104,19 @@ class LinuxPlatform:
         notes.extend(f"another manager is running: {m}" for m in find_other_managers(self.procfs, os.getpid()))
         return _Discovery(topo, plan, tuple(policies), policy_of_cpu, throttle, tuple(notes))
 
+    def _open_banks(self) -> None:
+        d = self._d
+        self._temp_bank = IntBank(self._hot, [s.path for s in d.plan.sensors])
+        self._cur_bank = IntBank(self._hot, [f"{p.paths.dir_rel}/scaling_cur_freq" for p in d.policies])
+        self._policies: tuple[FreqPolicy, ...] | None = None
+        self._throttle: dict[int, ThrottleCounts | None] = {}
+        self._epochs_since_slow = 0
+
     def rediscover(self) -> None:
         """Re-read topology, sensors and policies (CPU or sensor hotplug)."""
         self._hot.close()
         self._d = self._discover()
+        self._open_banks()
 
     # ------------------------------------------------------------------ protocol
     def topology(self) -> Topology:
@@ -147,24 +160,37 @@ class LinuxPlatform:
     def read_policies(self) -> tuple[FreqPolicy, ...]:
         return tuple(cpufreq.read_policy(self._hot, st) for st in self._d.policies)
 
+    def _refresh_slow_state(self) -> None:
+        """Policy limits/governors and throttle counters: they change rarely (or only
+        when we write them), so they are re-read every ``slow_every`` epochs and after
+        every apply, not on every sweep."""
+        self._policies = self.read_policies()
+        self._throttle = {c: cpufreq.read_throttle(self._hot, c) for c in self._d.throttle_cpus}
+        self._epochs_since_slow = 0
+
     def observe(self) -> Observation:
         d = self._d
-        readings = read_sensors(self._hot, d.plan)
+        if self._epochs_since_slow >= self.slow_every or self._policies is None:
+            self._refresh_slow_state()
+        self._epochs_since_slow += 1
+        temp_values, temp_errors = self._temp_bank.read()
+        readings = readings_from_values(d.plan, temp_values, temp_errors)
         temps = cpu_temperatures(d.plan, readings)
-        policies = self.read_policies()
-        throttles = {c: cpufreq.read_throttle(self._hot, c) for c in d.throttle_cpus}
+        cur_values, _ = self._cur_bank.read()
+        policies = self._policies or ()
         cpus = {}
         for cpu in d.topology.online_cpus:
             pi = d.policy_of_cpu.get(cpu)
             pol = policies[pi] if pi is not None else None
+            cur = cur_values[pi] if pi is not None else None
             cpus[cpu] = CpuState(
-                cpu=cpu,
-                temp=temps[cpu],
-                freq_khz=pol.cur_khz if pol else None,
-                cap_khz=pol.max_khz if pol else None,
-                hw_min_khz=pol.hw_min_khz if pol else None,
-                hw_max_khz=pol.hw_max_khz if pol else None,
-                throttle=throttles.get(cpu),
+                cpu,
+                temps[cpu],
+                cur if cur is not None and 0 < cur <= cpufreq.MAX_PLAUSIBLE_KHZ else None,
+                pol.max_khz if pol else None,
+                pol.hw_min_khz if pol else None,
+                pol.hw_max_khz if pol else None,
+                self._throttle.get(cpu),
             )
         return Observation(
             time_s=self._clock(),
@@ -179,6 +205,8 @@ class LinuxPlatform:
         outcomes = [self._apply_cap(i, cap) for i, cap in self._caps_by_policy(action).items()]
         for ref, cpus in action.affinity.items():
             outcomes.append(self.threads.set_affinity(ref, cpus, self.journal))
+        if action.freq_cap_khz:
+            self._policies = None  # caps changed: re-read limits on the next observe
         return ApplyResult(tuple(outcomes))
 
     def _caps_by_policy(self, action: Action) -> dict[int, int]:

@@ -17,9 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ailfmd.errors import SysfsError
 from ailfmd.platform.base import CpuTemp, TempReading, TempSensor, Topology
-from ailfmd.platform.linux.hotfiles import HotFiles
 from ailfmd.platform.linux.hwmon import HwmonChip
 from ailfmd.platform.linux.thermal_zones import ThermalZone, zone_rank
 from ailfmd.platform.linux.topology import llc_domains
@@ -183,24 +181,25 @@ def plan_temperatures(
     return TempPlan(sensors=tuple(sensors.values()), per_cpu=per_cpu, notes=tuple(notes), limits_c=limits)
 
 
-def read_millidegrees(hot: HotFiles, rel: str) -> float:
-    """One temperature file in °C; SysfsError for unreadable or implausible values."""
-    raw = hot.read_int(rel)
-    temp_c = raw / 1000.0
-    if not PLAUSIBLE_MIN_C <= temp_c <= PLAUSIBLE_MAX_C:
-        raise SysfsError(rel, f"implausible temperature {raw} m°C")
-    return temp_c
+def readings_from_values(
+    plan: TempPlan, values: list[int | None], errors: dict[int, str]
+) -> dict[str, TempReading]:
+    """Turn raw millidegree values (in ``plan.sensors`` order) into readings keyed by path.
 
-
-def read_sensors(hot: HotFiles, plan: TempPlan) -> dict[str, TempReading]:
-    """Read every sensor once; keyed by path. Failures become readings with an error."""
+    A failed read or an implausible value becomes a reading with an error, never a number.
+    """
     out: dict[str, TempReading] = {}
-    for s in plan.sensors:
+    for i, s in enumerate(plan.sensors):
         max_c, crit_c = plan.limits_c.get(s.path, (None, None))
-        try:
-            out[s.path] = TempReading(s, read_millidegrees(hot, s.path), max_c=max_c, crit_c=crit_c)
-        except SysfsError as e:
-            out[s.path] = TempReading(s, None, error=e.reason, max_c=max_c, crit_c=crit_c)
+        raw = values[i]
+        if raw is None:
+            out[s.path] = TempReading(s, None, errors.get(i, "unreadable"), max_c, crit_c)
+            continue
+        temp_c = raw / 1000.0
+        if PLAUSIBLE_MIN_C <= temp_c <= PLAUSIBLE_MAX_C:
+            out[s.path] = TempReading(s, temp_c, None, max_c, crit_c)
+        else:
+            out[s.path] = TempReading(s, None, f"implausible temperature {raw} m°C", max_c, crit_c)
     return out
 
 

@@ -1,14 +1,20 @@
 """The managed threads: who they are, where they run, what they did since last time.
 
-Threads come and go every epoch; one that vanished mid-read is dropped silently (that is
-normal for an inference server's worker pool). Counters come from ``perf_event_open``
+Each tracked thread keeps its ``stat`` and ``schedstat`` files open: procfs answers a
+read on such a descriptor with ESRCH once that task is gone, even if its tid was reused
+since, so an open descriptor is a reuse-proof handle and one pread per file per epoch.
+The set of targets is re-discovered every ``discover_every`` epochs (new request threads
+show up within that many epochs). A thread that vanished is dropped silently; that is
+normal for an inference server's worker pool. Counters come from ``perf_event_open``
 where the machine has them and from ``schedstat`` always; a counter this machine cannot
 measure is absent from the sample, never reported as zero.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+from dataclasses import dataclass
 
 from ailfmd.errors import NoSuchThread, SysfsError, ThreadReused, WriteRefused
 from ailfmd.platform.base import ApplyOutcome, Capability, ThreadRef, ThreadSample
@@ -20,29 +26,64 @@ from ailfmd.platform.linux.sysfs import Root, format_cpu_list
 from ailfmd.platform.linux.targets import TargetSelector, discover_threads
 
 
-class ThreadTracker:
-    """Finds the target threads and samples them; owns their perf descriptors."""
+@dataclass
+class _Tracked:
+    ref: ThreadRef
+    stat_fd: int
+    sched_fd: int
+    counters: ThreadCounters | None
+    sched_prev: pfs.SchedStat | None = None
 
-    def __init__(self, procfs: Root, cgroupfs: Root, selector: TargetSelector, use_perf: bool = True) -> None:
+    def close(self) -> None:
+        for fd in (self.stat_fd, self.sched_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.stat_fd = self.sched_fd = -1
+        if self.counters is not None:
+            self.counters.close()
+
+
+def _pread_text(fd: int, tid: int) -> str:
+    try:
+        return os.pread(fd, 1024, 0).decode("ascii", "replace")
+    except OSError as e:
+        if e.errno == errno.ESRCH:
+            raise NoSuchThread(tid) from None
+        raise
+
+
+class ThreadTracker:
+    """Finds the target threads and samples them; owns their descriptors."""
+
+    def __init__(
+        self,
+        procfs: Root,
+        cgroupfs: Root,
+        selector: TargetSelector,
+        use_perf: bool = True,
+        discover_every: int = 10,
+    ) -> None:
         self.procfs = procfs
         self.cgroupfs = cgroupfs
         self.selector = selector
-        self._counters: dict[ThreadRef, ThreadCounters] = {}
-        self._sched_prev: dict[ThreadRef, pfs.SchedStat] = {}
+        self.discover_every = discover_every
+        self._tracked: dict[int, _Tracked] = {}  # by tid
+        self._epochs_since_discovery: int | None = None
         self._pmu: dict[str, str | None] = probe_pmu() if use_perf else {}
         self._events = tuple(n for n, why in self._pmu.items() if why is None)
         self._schedstat_ok = os.path.exists(procfs.join("self/schedstat"))
 
     def set_selector(self, selector: TargetSelector) -> None:
         self.selector = selector
+        self._epochs_since_discovery = None
 
     def capabilities(self) -> dict[str, Capability]:
         hw = [n for n in HARDWARE_EVENT_NAMES if self._pmu.get(n, "x") is None]
         sw = [n for n in SOFTWARE_EVENT_NAMES if self._pmu.get(n, "x") is None]
         hw_missing = {n: self._pmu.get(n) or "perf disabled" for n in HARDWARE_EVENT_NAMES if n not in hw}
-        hw_detail = (
-            ("counting " + ", ".join(hw)) if hw else "no hardware PMU events"
-        ) + (("; missing: " + "; ".join(f"{n} ({why})" for n, why in hw_missing.items())) if hw_missing else "")
+        hw_detail = ("counting " + ", ".join(hw)) if hw else "no hardware PMU events"
+        if hw_missing:
+            hw_detail += "; missing: " + "; ".join(f"{n} ({why})" for n, why in hw_missing.items())
         return {
             "hw_counters": Capability(bool(hw), hw_detail),
             "sw_counters": Capability(bool(sw), ("counting " + ", ".join(sw)) if sw else "no perf software events"),
@@ -55,49 +96,84 @@ class ThreadTracker:
             "affinity": Capability(True, "sched_setaffinity per thread, start time checked first"),
         }
 
-    def refs(self) -> tuple[ThreadRef, ...]:
-        return discover_threads(self.selector, self.procfs, self.cgroupfs)
+    # ------------------------------------------------------------------ discovery
+    def _rediscover(self) -> None:
+        refs = discover_threads(self.selector, self.procfs, self.cgroupfs)
+        wanted = {r.tid: r for r in refs}
+        for tid in [t for t, tr in self._tracked.items() if wanted.get(t) != tr.ref]:
+            self._tracked.pop(tid).close()
+        for tid, ref in wanted.items():
+            if tid not in self._tracked:
+                try:
+                    self._tracked[tid] = self._open(ref)
+                except (NoSuchThread, ThreadReused, SysfsError):
+                    continue  # gone between discovery and open
+        self._epochs_since_discovery = 0
 
+    def _open(self, ref: ThreadRef) -> _Tracked:
+        base = self.procfs.join(f"{ref.pid}/task/{ref.tid}")
+        try:
+            stat_fd = os.open(base / "stat", os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, ProcessLookupError):
+            raise NoSuchThread(ref.tid) from None
+        try:
+            sched_fd = os.open(base / "schedstat", os.O_RDONLY | os.O_CLOEXEC) if self._schedstat_ok else -1
+        except OSError:
+            sched_fd = -1
+        tracked = _Tracked(ref, stat_fd, sched_fd, None)
+        try:
+            # Opened after discovery read the start time: confirm it is the same thread.
+            st = pfs.parse_task_stat(_pread_text(stat_fd, ref.tid), f"{ref.pid}/task/{ref.tid}/stat")
+            if st.start_ticks != ref.start_ticks:
+                raise ThreadReused(ref.tid, ref.start_ticks, st.start_ticks)
+            if self._events:
+                tracked.counters = ThreadCounters(ref.tid, self._events)
+        except BaseException:
+            tracked.close()
+            raise
+        return tracked
+
+    def refs(self) -> tuple[ThreadRef, ...]:
+        return tuple(t.ref for t in self._tracked.values())
+
+    # ------------------------------------------------------------------ sampling
     def sample(self) -> dict[int, ThreadSample]:
         if self.selector.is_empty:
+            for tr in self._tracked.values():
+                tr.close()
+            self._tracked.clear()
             return {}
-        refs = self.refs()
-        live = set(refs)
-        for gone in [r for r in self._counters if r not in live]:
-            self._counters.pop(gone).close()
-        for gone in [r for r in self._sched_prev if r not in live]:
-            del self._sched_prev[gone]
+        if self._epochs_since_discovery is None or self._epochs_since_discovery >= self.discover_every:
+            self._rediscover()
+        assert self._epochs_since_discovery is not None
+        self._epochs_since_discovery += 1
         out: dict[int, ThreadSample] = {}
-        for ref in refs:
+        for tid in list(self._tracked):
+            tr = self._tracked[tid]
             try:
-                out[ref.tid] = self._sample_one(ref)
-            except (NoSuchThread, ThreadReused, SysfsError):
-                continue  # exited or replaced between discovery and read: normal
+                out[tid] = self._sample_one(tr)
+            except (NoSuchThread, SysfsError):
+                self._tracked.pop(tid).close()  # exited: normal
         return out
 
-    def _sample_one(self, ref: ThreadRef) -> ThreadSample:
-        st = pfs.read_task_stat(self.procfs, ref.pid, ref.tid)
-        if st.start_ticks != ref.start_ticks:
-            raise ThreadReused(ref.tid, ref.start_ticks, st.start_ticks)
+    def _sample_one(self, tr: _Tracked) -> ThreadSample:
+        ref = tr.ref
+        rel = f"{ref.pid}/task/{ref.tid}/stat"
+        st = pfs.parse_task_stat(_pread_text(tr.stat_fd, ref.tid), rel)
         counters: dict[str, float] = {}
-        if self._events:
-            tc = self._counters.get(ref)
-            if tc is None:
-                tc = ThreadCounters(ref.tid, self._events)
-                self._counters[ref] = tc
-            counters.update({k: v for k, v in tc.read_deltas().items() if v is not None})
-        if self._schedstat_ok:
-            ss = pfs.read_task_schedstat(self.procfs, ref.pid, ref.tid)
-            if ss is not None:
-                prev = self._sched_prev.get(ref)
-                if prev is not None:
-                    counters["run_ns"] = float(ss.run_ns - prev.run_ns)
-                    counters["wait_ns"] = float(ss.wait_ns - prev.wait_ns)
-                    counters["timeslices"] = float(ss.timeslices - prev.timeslices)
-                self._sched_prev[ref] = ss
-        affinity = get_affinity(ref.tid)
-        return ThreadSample(ref=ref, comm=st.comm, last_cpu=st.last_cpu, affinity=affinity, counters=counters)
+        if tr.counters is not None:
+            counters.update({k: v for k, v in tr.counters.read_deltas().items() if v is not None})
+        if tr.sched_fd >= 0:
+            ss = pfs.parse_schedstat(_pread_text(tr.sched_fd, ref.tid), f"{ref.pid}/task/{ref.tid}/schedstat")
+            prev = tr.sched_prev
+            if prev is not None:
+                counters["run_ns"] = float(ss.run_ns - prev.run_ns)
+                counters["wait_ns"] = float(ss.wait_ns - prev.wait_ns)
+                counters["timeslices"] = float(ss.timeslices - prev.timeslices)
+            tr.sched_prev = ss
+        return ThreadSample(ref=ref, comm=st.comm, last_cpu=st.last_cpu, affinity=get_affinity(ref.tid), counters=counters)
 
+    # ------------------------------------------------------------------ actuation
     def set_affinity(self, ref: ThreadRef, cpus: frozenset[int], journal: Journal) -> ApplyOutcome:
         """Journal the original mask, then change it; the outcome says what is in effect."""
         target = f"thread {ref.tid}"
@@ -124,9 +200,10 @@ class ThreadTracker:
             return ApplyOutcome(target, want, None, False, str(e))
         except WriteRefused as e:
             return ApplyOutcome(target, want, None, False, e.reason)
-        return ApplyOutcome(target, want, format_cpu_list(got), got == cpus, "" if got == cpus else "kernel narrowed the set")
+        ok = got == cpus
+        return ApplyOutcome(target, want, format_cpu_list(got), ok, "" if ok else "kernel narrowed the set")
 
     def close(self) -> None:
-        for tc in self._counters.values():
-            tc.close()
-        self._counters.clear()
+        for tr in self._tracked.values():
+            tr.close()
+        self._tracked.clear()
