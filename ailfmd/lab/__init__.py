@@ -1,0 +1,1 @@
+"""The offline lab: simulation runs, benchmarks, recording and training (`ailfm`)."""

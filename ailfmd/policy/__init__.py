@@ -1,0 +1,1 @@
+"""Policies: the interface, features, baselines, the oracle and the ONNX runtime policy."""
