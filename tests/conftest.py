@@ -1,8 +1,7 @@
-"""Shared fixtures: sysfs trees of real machine layouts, copied so tests may write."""
+"""Shared fixtures: sysfs trees of real machine layouts, unpacked so tests may write."""
 
 from __future__ import annotations
 
-import shutil
 import tarfile
 from pathlib import Path
 
@@ -11,22 +10,36 @@ import pytest
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-@pytest.fixture(scope="session")
-def node_exporter_sys(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """node_exporter's real sysfs fixture, unpacked (read-only use)."""
-    dest = tmp_path_factory.mktemp("node-exporter")
-    with tarfile.open(FIXTURES / "node-exporter" / "sys.tar.gz") as tar:
+def extract(tarball: Path, dest: Path) -> Path:
+    with tarfile.open(tarball) as tar:
         tar.extractall(dest, filter="tar")
     return dest / "sys"
 
 
+@pytest.fixture(scope="session")
+def node_exporter_sys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """node_exporter's real sysfs fixture, unpacked (read-only use)."""
+    return extract(FIXTURES / "node-exporter" / "sys.tar.gz", tmp_path_factory.mktemp("node-exporter"))
+
+
+@pytest.fixture(scope="session")
+def machine_sys(tmp_path_factory: pytest.TempPathFactory):
+    """The sysfs root of a committed machine (tests/fixtures/<name>/sys.tar.gz), read-only use."""
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            cache[name] = extract(FIXTURES / name / "sys.tar.gz", tmp_path_factory.mktemp(name))
+        return cache[name]
+
+    return get
+
+
 @pytest.fixture
 def machine_copy(tmp_path: Path):
-    """Copy a committed machine tree (tests/fixtures/<name>/sys) to a writable place."""
+    """A private, writable copy of a committed machine's sysfs tree."""
 
     def copy(name: str) -> Path:
-        dest = tmp_path / name / "sys"
-        shutil.copytree(FIXTURES / name / "sys", dest, symlinks=True)
-        return dest
+        return extract(FIXTURES / name / "sys.tar.gz", tmp_path / name)
 
     return copy

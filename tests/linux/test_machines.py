@@ -18,10 +18,10 @@ def test_all_five_layouts_are_present() -> None:
 
 
 @pytest.fixture(params=MACHINES)
-def machine(request: pytest.FixtureRequest, tmp_path: Path):
+def machine(request: pytest.FixtureRequest, tmp_path: Path, machine_sys):
     name = request.param
     truth = json.loads((FIXTURES / name / "expected.json").read_text())
-    plat = LinuxPlatform(sysfs_root=FIXTURES / name / "sys", run_dir=tmp_path / "run", use_perf=False)
+    plat = LinuxPlatform(sysfs_root=machine_sys(name), run_dir=tmp_path / "run", use_perf=False)
     yield truth, plat
     plat.close()
 

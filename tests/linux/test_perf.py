@@ -6,11 +6,14 @@ VMs without one (events must be reported missing with a reason, never as 0).
 
 from __future__ import annotations
 
+import errno
+import gc
 import json
 import os
 import re
 import select
 import shutil
+import struct
 import subprocess
 import sys
 import textwrap
@@ -89,6 +92,12 @@ def child():
         c.proc.wait(10)
 
 
+@pytest.fixture(params=[True, False], ids=["grouped", "per-event"])
+def group(request: pytest.FixtureRequest) -> bool:
+    """ThreadCounters(group=...): perf event groups, or one fd read per event."""
+    return request.param
+
+
 def _open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
@@ -156,6 +165,7 @@ int main(void) {
     BIT(exclude_hv, 1); BIT(watermark, 1); BIT(precise_ip, 3); BIT(mmap_data, 1);
     BIT(exclude_guest, 1); BIT(aux_output, 1); BIT(cgroup, 1); BIT(build_id, 1);
     BIT(inherit_thread, 1); BIT(remove_on_exec, 1); BIT(sigtrap, 1);
+    printf("ioc PERF_EVENT_IOC_ID %lu\n", (unsigned long)PERF_EVENT_IOC_ID);
     return 0;
 }
 """
@@ -203,6 +213,9 @@ def test_layout_matches_the_installed_uapi_header(tmp_path: Path) -> None:
             name, value = rest
             assert getattr(perf.PerfEventAttr, name).offset == int(value), name
             seen_offsets += 1
+        elif kind == "ioc":
+            name, value = rest
+            assert getattr(perf, name) == int(value), name
         else:
             name, value = rest
             assert _C_BITS[name] == int(value), name
@@ -273,8 +286,10 @@ def test_probe_pmu_reports_every_event() -> None:
         assert reason is None or REASON.match(reason), (name, reason)
 
 
-def test_software_counters_of_a_real_thread(child: Child) -> None:
-    with perf.ThreadCounters(child.spin_tid) as spin, perf.ThreadCounters(child.nap_tid) as nap:
+def test_software_counters_of_a_real_thread(child: Child, group: bool) -> None:
+    with perf.ThreadCounters(child.spin_tid, group=group) as spin, perf.ThreadCounters(
+        child.nap_tid, group=group
+    ) as nap:
         assert "task_clock_ns" in spin.available
         t0 = time.monotonic()
         time.sleep(0.3)
@@ -301,8 +316,8 @@ def test_software_counters_of_a_real_thread(child: Child) -> None:
             assert nap_d1[name] is not None and nap_d1[name] >= 0
 
 
-def test_hardware_counters_count_or_say_why_not(child: Child) -> None:
-    with perf.ThreadCounters(child.spin_tid) as tc:
+def test_hardware_counters_count_or_say_why_not(child: Child, group: bool) -> None:
+    with perf.ThreadCounters(child.spin_tid, group=group) as tc:
         time.sleep(0.3)
         deltas = tc.read_deltas()
     assert set(tc.available) | set(tc.missing) == set(perf.EVENT_NAMES)
@@ -332,9 +347,12 @@ def test_counters_of_a_gone_thread_raise_no_such_thread() -> None:
     assert info.value.tid == c.spin_tid
 
 
-def test_close_releases_every_fd(child: Child) -> None:
+def test_close_releases_every_fd(child: Child, group: bool) -> None:
+    # Objects of earlier tests waiting for the cycle collector may still hold fds; one
+    # closed while the counters open would have its number reused and go uncounted.
+    gc.collect()
     before = _open_fds()
-    tc = perf.ThreadCounters(child.nap_tid)
+    tc = perf.ThreadCounters(child.nap_tid, group=group)
     assert len(_open_fds() - before) == len(tc.available) > 0
     tc.close()
     tc.close()
@@ -416,8 +434,8 @@ def test_counts_without_privileges_at_paranoid_2(tmp_path: Path) -> None:
         assert (name in got["missing"]) != (name in got["deltas"])
 
 
-def test_a_counter_that_fails_to_read_is_retired_not_raised(child: Child) -> None:
-    with perf.ThreadCounters(child.nap_tid, ("task_clock_ns", "page_faults")) as tc:
+def test_a_counter_that_fails_to_read_is_retired_not_raised(child: Child, group: bool) -> None:
+    with perf.ThreadCounters(child.nap_tid, ("task_clock_ns", "page_faults"), group=group) as tc:
         if tc.missing:
             pytest.skip(f"software events unavailable: {tc.missing}")
         # Simulate a counter whose fd went bad (as a pinned event in error state does).
@@ -429,3 +447,267 @@ def test_a_counter_that_fails_to_read_is_retired_not_raised(child: Child) -> Non
     assert set(deltas) == {"task_clock_ns"}
     assert tc.available == ("task_clock_ns",)
     assert tc.missing["page_faults"].startswith("EBADF")
+
+
+# --------------------------------------------------------------------------- groups
+
+
+def _hw_available(tc: perf.ThreadCounters) -> list[str]:
+    return [n for n in perf.HARDWARE_EVENT_NAMES if n in tc.available]
+
+
+def test_group_read_format_and_id_ioctl() -> None:
+    assert perf.GROUP_READ_FORMAT == 0b1111  # GROUP | ID | TOTAL_TIME_RUNNING | ENABLED
+    assert perf.group_read_struct(2).size == 8 * (3 + 2 * 2)
+    if perf._machine_family(os.uname().machine) in ("x86", "arm64", "riscv", "s390", "loongarch"):
+        pointer = struct.calcsize("P")
+        assert perf.PERF_EVENT_IOC_ID == (0x80042407 if pointer == 4 else 0x80082407)
+
+
+def test_events_are_grouped_by_kind(child: Child) -> None:
+    with perf.ThreadCounters(child.spin_tid) as tc:
+        groups = tc.groups
+        hw = _hw_available(tc)
+    sw = [n for n in perf.SOFTWARE_EVENT_NAMES if n in tc.available]
+    # Every available event in exactly one group; missing ones in none.
+    flat = [n for g in groups for n in g]
+    assert sorted(flat) == sorted(tc.available)
+    assert len(set(flat)) == len(flat)
+    assert sw and tuple(sw) in groups
+    if hw:
+        assert tuple(hw) in groups  # five events at most: one group on this PMU
+        assert len(groups) == 2
+
+
+def test_one_read_per_group(child: Child, group: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    with perf.ThreadCounters(child.spin_tid, group=group) as tc:
+        fds = set(tc._fds.values())
+        reads: list[int] = []
+        real_read = os.read
+
+        def counting_read(fd: int, n: int) -> bytes:
+            if fd in fds:
+                reads.append(fd)
+            return real_read(fd, n)
+
+        monkeypatch.setattr(perf.os, "read", counting_read)
+        time.sleep(0.05)
+        deltas = tc.read_deltas()
+        monkeypatch.undo()
+        groups = tc.groups
+    assert set(deltas) == set(tc.available)
+    assert len(reads) == len(set(reads)) == len(groups)
+    if group:
+        assert len(reads) <= 2 < len(tc.available)
+    else:
+        assert len(reads) == len(tc.available)
+        assert all(len(g) == 1 for g in groups)
+
+
+def test_a_group_read_returns_every_member(child: Child) -> None:
+    with perf.ThreadCounters(child.spin_tid) as tc:
+        time.sleep(0.1)
+        for names in tc.groups:
+            fds = [tc._fds[n] for n in names]
+            ids = [perf.event_id(fd) for fd in fds]
+            assert len(set(ids)) == len(ids)
+            # Through the leader or any sibling: the whole group, leader first.
+            for fd in fds:
+                enabled, running, values = perf.read_group(fd)
+                assert list(values) == ids
+                assert enabled > 0 and running > 0
+        raw = tc.read_raw()
+    assert set(raw) == set(tc.available)
+    for names in tc.groups:
+        times = {(raw[n].enabled_ns, raw[n].running_ns) for n in names}
+        assert len(times) == 1, names  # one group, one pair of times
+
+
+def test_grouped_reads_equal_single_reads(child: Child) -> None:
+    """The same events, read as a group and one by one over the same intervals."""
+    # Two hardware events per set: both sets together fit on any PMU, so neither is
+    # multiplexed and the comparison is exact up to the few microseconds between reads.
+    names = ("instructions", "cycles", "task_clock_ns", "context_switches", "page_faults")
+    with perf.ThreadCounters(child.spin_tid, names, group=True) as grouped, perf.ThreadCounters(
+        child.spin_tid, names, group=False
+    ) as single:
+        assert grouped.available == single.available
+        assert grouped.missing == single.missing
+        assert grouped.scopes == single.scopes
+        pairs = []
+        for _ in range(2):
+            time.sleep(0.25)
+            pairs.append((grouped.read_deltas(), single.read_deltas()))
+        raw = single.read_raw()
+    multiplexed = {n for n, r in raw.items() if r.running_ns < r.enabled_ns}
+    for dg, ds in pairs:
+        assert set(dg) == set(ds) == set(grouped.available)
+        for name in grouped.available:
+            if name in multiplexed:
+                continue
+            g, s = dg[name], ds[name]
+            assert g is not None and s is not None, name
+            if name in ("context_switches", "page_faults"):
+                assert g == pytest.approx(s, abs=5), name
+            else:
+                assert g > 1_000_000, name
+                assert g == pytest.approx(s, rel=0.03), name
+
+
+def test_missing_reasons_do_not_depend_on_grouping(child: Child) -> None:
+    with perf.ThreadCounters(child.nap_tid) as g, perf.ThreadCounters(
+        child.nap_tid, group=False
+    ) as s:
+        assert g.missing == s.missing
+        assert list(g.missing) == [n for n in perf.EVENT_NAMES if n in g.missing]
+        assert g.available == s.available
+        assert g.scopes == s.scopes
+
+
+def test_a_member_refused_by_its_group_leads_the_next(
+    child: Child, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group the PMU cannot hold is refused at open time: the event that does not
+    fit starts the next group, and everything still counts."""
+    with perf.ThreadCounters(child.spin_tid) as probe:
+        hw = _hw_available(probe)
+    if len(hw) < 3 or hw[2] != "llc_references":
+        pytest.skip(f"needs instructions, cycles and LLC references; have {hw}")
+    real_open = perf.perf_event_open
+
+    def refusing_open(
+        attr: perf.PerfEventAttr, pid: int, cpu: int = -1, group_fd: int = -1, flags: int = 8
+    ) -> int:
+        if group_fd != -1 and (attr.type, attr.config) == (
+            perf.PERF_TYPE_HARDWARE,
+            perf.PERF_COUNT_HW_CACHE_REFERENCES,
+        ):
+            raise OSError(errno.EINVAL, "group does not fit")
+        return real_open(attr, pid, cpu, group_fd, flags)
+
+    monkeypatch.setattr(perf, "perf_event_open", refusing_open)
+    with perf.ThreadCounters(child.spin_tid) as tc:
+        monkeypatch.undo()
+        assert tc.groups[0] == ("instructions", "cycles")
+        assert tc.groups[1] == tuple(hw[2:])
+        assert tc.missing == probe.missing
+        time.sleep(0.2)
+        deltas = tc.read_deltas()
+    for name in hw:
+        assert deltas[name] is not None and deltas[name] > 0, name
+
+
+def _pmu_group_capacity(tid: int) -> int:
+    """How many cycles events the kernel accepts in one group (it checks a group
+    against the whole PMU when a member joins)."""
+    user = perf.ATTR_FLAG_EXCLUDE_KERNEL | perf.ATTR_FLAG_EXCLUDE_HV
+    attr = perf.make_attr(
+        perf.PERF_TYPE_HARDWARE, perf.PERF_COUNT_HW_CPU_CYCLES, user, perf.GROUP_READ_FORMAT
+    )
+    fds = [perf.perf_event_open(attr, tid)]
+    try:
+        while len(fds) < 64:
+            fds.append(perf.perf_event_open(attr, tid, -1, fds[0]))
+    except OSError:
+        pass
+    finally:
+        for fd in reversed(fds):
+            os.close(fd)
+    return len(fds)
+
+
+def test_a_group_that_never_runs_is_split(child: Child) -> None:
+    """A group that fits the PMU on paper but not next to pinned events already on
+    the thread is never scheduled: its first read shows no time running, so it is
+    split, and the halves count (multiplexed, scaled per group)."""
+    with perf.ThreadCounters(child.spin_tid) as probe:
+        hw = _hw_available(probe)
+    if len(hw) < 4:
+        pytest.skip(f"needs a hardware group of four or more; have {hw}")
+    capacity = _pmu_group_capacity(child.spin_tid)
+    user = perf.ATTR_FLAG_EXCLUDE_KERNEL | perf.ATTR_FLAG_EXCLUDE_HV
+    pinned = perf.make_attr(
+        perf.PERF_TYPE_HARDWARE,
+        perf.PERF_COUNT_HW_CPU_CYCLES,
+        user | perf.ATTR_FLAG_PINNED,
+        perf.PERF_FORMAT_TOTAL_TIME_ENABLED | perf.PERF_FORMAT_TOTAL_TIME_RUNNING,
+    )
+    # Leave one counter fewer than the group needs.
+    pins = [perf.perf_event_open(pinned, child.spin_tid) for _ in range(capacity - len(hw) + 1)]
+    try:
+        with perf.ThreadCounters(child.spin_tid) as tc:
+            assert tuple(hw) in tc.groups
+            time.sleep(0.2)
+            first = tc.read_deltas()
+            if first[hw[0]] is not None:
+                pytest.skip(f"the PMU ran a group of {len(hw)} next to {len(pins)} pinned events")
+            assert all(first[n] is None for n in hw)
+            assert tc.groups[0] == tuple(hw[: len(hw) // 2])
+            assert tc.groups[1] == tuple(hw[len(hw) // 2 :])
+            assert first["task_clock_ns"] is not None and first["task_clock_ns"] > 0
+            for _ in range(10):
+                time.sleep(0.2)
+                deltas = tc.read_deltas()
+                if all(deltas[n] is not None for n in hw):
+                    break
+            assert set(deltas) == set(tc.available)
+            assert sorted(n for g in tc.groups for n in g) == sorted(tc.available)
+        for name in hw:
+            assert deltas[name] is not None and deltas[name] > 0, name
+        assert 0.05 < deltas["instructions"] / deltas["cycles"] < 10
+        # The pinned events kept their counters all along.
+        for fd in pins:
+            r = perf.read_count(fd)
+            assert r.running_ns == r.enabled_ns > 0
+    finally:
+        for fd in pins:
+            os.close(fd)
+
+
+def test_counters_of_an_exited_thread_read_zero(group: bool) -> None:
+    c = _spawn()
+    try:
+        with perf.ThreadCounters(c.spin_tid, group=group) as tc:
+            time.sleep(0.1)
+            before = tc.read_deltas()
+            c.proc.kill()
+            c.proc.wait(10)
+            tc.read_deltas()  # the last moments of the thread
+            after = tc.read_deltas()
+            groups = tc.groups
+            totals = tc.read_totals()
+    finally:
+        if c.proc.poll() is None:
+            c.proc.kill()
+            c.proc.wait(10)
+    assert before["task_clock_ns"] is not None and before["task_clock_ns"] > 0
+    assert set(after) == set(before) == set(tc.available)
+    assert all(v == 0.0 for v in after.values()), after
+    assert sum(len(g) for g in groups) == len(tc.available)
+    assert totals["task_clock_ns"] >= before["task_clock_ns"]
+
+
+def test_a_group_leader_that_fails_to_read_retires_only_itself(child: Child) -> None:
+    names = ("task_clock_ns", "context_switches", "page_faults")
+    with perf.ThreadCounters(child.nap_tid, names) as tc:
+        if tc.available != names:
+            pytest.skip(f"software events unavailable: {tc.missing}")
+        time.sleep(0.05)
+        tc.read_deltas()
+        # The leader's fd goes bad: its event is released and the kernel promotes the
+        # siblings to groups of their own.
+        r, w = os.pipe()
+        os.dup2(w, tc._fds["task_clock_ns"])
+        os.close(r)
+        os.close(w)
+        time.sleep(0.1)
+        deltas = tc.read_deltas()
+        assert set(deltas) == {"context_switches", "page_faults"}
+        assert deltas["context_switches"] is not None and deltas["context_switches"] >= 10
+        assert tc.available == ("context_switches", "page_faults")
+        assert tc.missing["task_clock_ns"].startswith("EBADF")
+        assert sorted(tc.groups) == [("context_switches",), ("page_faults",)]
+        time.sleep(0.1)
+        again = tc.read_deltas()
+    assert set(again) == {"context_switches", "page_faults"}
+    assert again["context_switches"] is not None and again["context_switches"] >= 10

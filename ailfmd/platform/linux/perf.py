@@ -5,12 +5,30 @@ uapi ``struct perf_event_attr`` laid out in ctypes (``PERF_ATTR_SIZE_VER8``, 136
 bytes, as in ``include/uapi/linux/perf_event.h`` since Linux 6.3). Older kernels
 accept the larger struct because every field they do not know is left zero.
 
-Each event is opened on its own fd for one thread (``pid=tid, cpu=-1``) and read
-with ``PERF_FORMAT_TOTAL_TIME_ENABLED | PERF_FORMAT_TOTAL_TIME_RUNNING`` so that a
-multiplexed hardware counter is scaled by enabled/running. An interval in which the
-counter was enabled but never on the PMU is reported as ``None`` ("not counted"),
-never as 0. Events the machine lacks (VMs without a virtual PMU: ENOENT/EOPNOTSUPP)
-are listed in :attr:`ThreadCounters.missing` with the errno name and why.
+Each event is opened for one thread (``pid=tid, cpu=-1``), and the events of a
+thread are opened as perf event groups, each read with one ``read(2)``: the
+hardware events (in groups of at most ``HW_GROUP_MAX`` = 5, one group on usual
+PMUs) and the software events (one group). A group is read with
+``PERF_FORMAT_GROUP | PERF_FORMAT_TOTAL_TIME_ENABLED | PERF_FORMAT_TOTAL_TIME_RUNNING
+| PERF_FORMAT_ID`` into one preallocated layout: the group's enabled and running
+times and, per member, its value and kernel event id (learnt with
+``PERF_EVENT_IOC_ID`` at open). A group that lost a member reads short; the ids
+then tell which members are left. The members of a group are scheduled onto the PMU
+together, so a multiplexed group is scaled by one enabled/running ratio and ratios
+between its members (instructions per cycle, LLC miss rate) cover the same time.
+An interval in which a counter was enabled but never on the PMU is reported as
+``None`` ("not counted"), never as 0. Events the machine lacks (VMs without a
+virtual PMU: ENOENT/EOPNOTSUPP) are listed in :attr:`ThreadCounters.missing` with
+the errno name and why; whether an event exists is decided by opening it on its
+own, so grouping never changes that verdict.
+
+A group is all or nothing: one that needs more counters than the PMU has free is
+never scheduled. A hardware group is therefore split when the kernel refuses a
+member into it at open time (that member leads the next group), and split in two
+when, before it has ever run, a read shows time enabled but none running (the
+interval reads None). Halves are split again the same way, down to single events,
+which the kernel multiplexes. ``ThreadCounters(tid, group=False)`` opens every
+event on its own fd, read with one ``read(2)`` per event.
 
 Privilege: with ``perf_event_paranoid`` = 2 an unprivileged process may only count
 user space (``exclude_kernel``). Hardware events are therefore always user-space
@@ -25,6 +43,7 @@ from __future__ import annotations
 
 import ctypes
 import errno as errno_mod
+import fcntl
 import functools
 import os
 import platform
@@ -359,6 +378,54 @@ def scale_count(value: int, enabled_ns: int, running_ns: int) -> float | None:
     return value * enabled_ns / running_ns
 
 
+# --------------------------------------------------------------------------- groups
+
+GROUP_READ_FORMAT = (
+    PERF_FORMAT_GROUP
+    | PERF_FORMAT_TOTAL_TIME_ENABLED
+    | PERF_FORMAT_TOTAL_TIME_RUNNING
+    | PERF_FORMAT_ID
+)
+
+
+def _ioc_read_request(type_char: str, nr: int, size: int) -> int:
+    """``_IOR(type, nr, size)``: the direction bits sit at bit 29 with value 2 on
+    powerpc, mips and sparc (13 size bits), at bit 30 elsewhere (asm-generic)."""
+    dir_shift = 29 if _machine_family(platform.machine()) in ("ppc", "mips", "sparc") else 30
+    return (2 << dir_shift) | (size << 16) | (ord(type_char) << 8) | nr
+
+
+# The uapi declares it as _IOR('$', 7, __u64 *): the size field is a pointer's size.
+PERF_EVENT_IOC_ID = _ioc_read_request("$", 7, struct.calcsize("P"))
+
+
+def event_id(fd: int) -> int:
+    """The kernel's id of the event behind ``fd`` (``PERF_EVENT_IOC_ID``, Linux 3.12+)."""
+    buf = bytearray(8)
+    fcntl.ioctl(fd, PERF_EVENT_IOC_ID, buf, True)
+    return int.from_bytes(buf, sys.byteorder)
+
+
+def group_read_struct(members: int) -> struct.Struct:
+    """Layout of one ``GROUP_READ_FORMAT`` read of ``members`` events:
+    nr, time_enabled, time_running, then (value, id) per member."""
+    return struct.Struct(f"={3 + 2 * members}Q")
+
+
+def read_group(fd: int, max_members: int = 16) -> tuple[int, int, dict[int, int]]:
+    """One read of a group opened with ``GROUP_READ_FORMAT`` through any member's fd:
+    ``(time_enabled, time_running, {event id: value})`` in the kernel's member order."""
+    data = os.read(fd, group_read_struct(max_members).size)
+    head = struct.calcsize("=3Q")
+    if len(data) < head:
+        raise OSError(errno_mod.EIO, f"short read of perf group ({len(data)} bytes)")
+    nr, enabled, running = struct.unpack_from("=3Q", data)
+    if len(data) != group_read_struct(nr).size:
+        raise OSError(errno_mod.EIO, f"short read of perf group ({len(data)} bytes, {nr} members)")
+    flat = group_read_struct(nr).unpack(data)
+    return enabled, running, dict(zip(flat[4::2], flat[3::2]))
+
+
 # --------------------------------------------------------------------------- events
 
 
@@ -433,8 +500,11 @@ def describe_errno(err: int) -> str:
     return f"{name}: {_ERRNO_MEANING.get(err, os.strerror(err))}"
 
 
-def _open_event(spec: EventSpec, tid: int) -> tuple[int, str]:
-    """Open ``spec`` on ``tid``; return (fd, scope). Raises OSError from the last try."""
+def _open_event(
+    spec: EventSpec, tid: int, group_fd: int = -1, read_format: int = _READ_FORMAT
+) -> tuple[int, str]:
+    """Open ``spec`` on ``tid`` (in the group led by ``group_fd`` if not -1); return
+    (fd, scope). Raises OSError from the last try."""
     user_only = ATTR_FLAG_EXCLUDE_KERNEL | ATTR_FLAG_EXCLUDE_HV
     if spec.hardware:
         attempts = [(user_only, SCOPE_USER)]
@@ -444,9 +514,9 @@ def _open_event(spec: EventSpec, tid: int) -> tuple[int, str]:
             attempts.append((user_only, SCOPE_USER))
     last: OSError | None = None
     for flags, scope in attempts:
-        attr = make_attr(spec.type_, spec.config, flags, _READ_FORMAT)
+        attr = make_attr(spec.type_, spec.config, flags, read_format)
         try:
-            return perf_event_open(attr, tid, -1), scope
+            return perf_event_open(attr, tid, -1, group_fd), scope
         except OSError as e:
             last = e
             if e.errno not in (errno_mod.EACCES, errno_mod.EPERM):
@@ -456,6 +526,63 @@ def _open_event(spec: EventSpec, tid: int) -> tuple[int, str]:
 
 
 # --------------------------------------------------------------------------- per thread
+
+# Largest hardware group opened. Instructions, cycles, LLC references, LLC misses and
+# one stall event fit together on common PMUs (Intel: fixed counters for instructions
+# and cycles plus four or more general ones; AMD Zen: six general; Arm PMUv3: usually
+# six plus a cycle counter). A group that does not fit anyway is split when read.
+HW_GROUP_MAX = 5
+
+
+class _Group:
+    """Counters read with one ``read(2)`` of their first fd.
+
+    ``grouped``: a perf event group read with ``GROUP_READ_FORMAT`` (any size, ``ids``
+    the kernel's event ids in the order the kernel reports them); otherwise a single
+    event read with ``_READ_FORMAT``. ``last`` is the (enabled, running, values) of the
+    previous ``read_deltas``. ``proven``: the group has been seen running on the PMU
+    (or cannot fail to fit because it is a single event).
+    """
+
+    __slots__ = (
+        "names", "fds", "ids", "grouped", "fd", "size", "unpack", "values", "last", "proven"
+    )
+
+    def __init__(
+        self,
+        names: tuple[str, ...],
+        fds: tuple[int, ...],
+        ids: tuple[int, ...],
+        grouped: bool,
+        last: tuple[int, int, tuple[int, ...]] | None = None,
+        proven: bool | None = None,
+    ) -> None:
+        self.names = names
+        self.fds = fds
+        self.ids = ids
+        self.grouped = grouped
+        self.fd = fds[0]
+        # Both layouts have time_enabled at index 1 and time_running at index 2.
+        if grouped:
+            fmt, self.values = group_read_struct(len(names)), slice(3, None, 2)
+        else:
+            fmt, self.values = _READ_STRUCT, slice(0, 1)
+        self.size = fmt.size
+        self.unpack = fmt.unpack_from
+        self.last = last if last is not None else (0, 0, (0,) * len(names))
+        self.proven = (len(names) == 1) if proven is None else proven
+
+    def close(self) -> None:
+        # Siblings first: closing a leader first would promote them to groups of their own.
+        for fd in reversed(self.fds):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _read_failure(e: OSError) -> str:
+    return f"{describe_errno(e.errno or 0)} (read failed: {e.strerror})"
 
 
 class ThreadCounters:
@@ -469,72 +596,283 @@ class ThreadCounters:
     :class:`NoSuchThread` when the thread is gone at open time. After the thread
     exits its counters keep their final values (deltas become 0); whether the thread
     is alive is for procfs to say.
+
+    ``group`` (default True) reads the events as perf event groups, one ``read(2)``
+    per group (see :attr:`groups`); False opens and reads every event on its own.
     """
 
-    def __init__(self, tid: int, events: Iterable[str] = EVENT_NAMES) -> None:
+    def __init__(self, tid: int, events: Iterable[str] = EVENT_NAMES, group: bool = True) -> None:
         self.tid = tid
+        self.group = group
+        self._groups: list[_Group] = []
         self._fds: dict[str, int] = {}
         self.available: tuple[str, ...] = ()
         self.scopes: dict[str, str] = {}
         self.missing: dict[str, str] = {}
-        self._last: dict[str, RawCount] = {}
         self._closed = False
-        names = tuple(events)
+        names = tuple(dict.fromkeys(events))
         unknown = [n for n in names if n not in _EVENTS_BY_NAME]
         if unknown:
             raise ValueError(f"unknown perf events {unknown}; known: {list(EVENT_NAMES)}")
+        self._order = names
+        specs = [_EVENTS_BY_NAME[n] for n in names]
         try:
-            for name in names:
-                self._open_one(_EVENTS_BY_NAME[name])
+            if group:
+                hardware = [s for s in specs if s.hardware]
+                software = [s for s in specs if not s.hardware]
+                for part, cap in ((hardware, HW_GROUP_MAX), (software, len(software))):
+                    groups, failed = self._open_packed(part, cap)
+                    self._groups += groups
+                    for spec, err in failed:
+                        self._set_missing(spec, err)
+            else:
+                for spec in specs:
+                    self._open_single(spec)
         except BaseException:
             self.close()
             raise
+        self.missing = {n: self.missing[n] for n in names if n in self.missing}
+        self._sync()
 
-    def _open_one(self, spec: EventSpec) -> None:
-        try:
-            fd, scope = _open_event(spec, self.tid)
-        except PerfUnsupported as e:
-            self.missing[spec.name] = f"ENOSYS: {e}"
+    # ------------------------------------------------------------------ opening
+
+    def _set_missing(self, spec: EventSpec, err: Exception) -> None:
+        if isinstance(err, PerfUnsupported):
+            self.missing[spec.name] = f"ENOSYS: {err}"
             return
+        assert isinstance(err, OSError)
+        if not spec.user_only_ok and err.errno in (errno_mod.EACCES, errno_mod.EPERM):
+            self.missing[spec.name] = (
+                describe_errno(err.errno or 0)
+                + "; counted only in kernel context, a user-only count would read 0"
+            )
+        else:
+            self.missing[spec.name] = describe_errno(err.errno or 0)
+
+    def _open(self, spec: EventSpec, group_fd: int, read_format: int) -> tuple[int, str]:
+        try:
+            return _open_event(spec, self.tid, group_fd, read_format)
         except OSError as e:
             if e.errno == errno_mod.ESRCH:
                 raise NoSuchThread(self.tid, "perf_event_open: ESRCH") from None
-            if not spec.user_only_ok and e.errno in (errno_mod.EACCES, errno_mod.EPERM):
-                self.missing[spec.name] = (
-                    describe_errno(e.errno or 0)
-                    + "; counted only in kernel context, a user-only count would read 0"
-                )
-            else:
-                self.missing[spec.name] = describe_errno(e.errno or 0)
+            raise
+
+    def _open_single(self, spec: EventSpec) -> None:
+        try:
+            fd, scope = self._open(spec, -1, _READ_FORMAT)
+        except (OSError, PerfUnsupported) as e:
+            self._set_missing(spec, e)
             return
-        self._fds[spec.name] = fd
-        self.available += (spec.name,)
+        self._groups.append(_Group((spec.name,), (fd,), (), False))
         self.scopes[spec.name] = scope
-        self._last[spec.name] = RawCount(0, 0, 0)
+
+    def _open_packed(
+        self, specs: list[EventSpec], cap: int
+    ) -> tuple[list[_Group], list[tuple[EventSpec, Exception]]]:
+        """Open ``specs`` as groups of at most ``cap`` events, in order.
+
+        An event first tries to join the current group; if the kernel refuses it
+        there but accepts it on its own, it leads the next group. An event that does
+        not open on its own is returned in the failures with its error, exactly as a
+        single open would report it. Raises NoSuchThread (nothing left open).
+        """
+        groups: list[_Group | None] = []
+        failed: list[tuple[EventSpec, Exception]] = []
+        members: list[tuple[EventSpec, int, str]] = []
+        try:
+            for spec in specs:
+                if members and len(members) < cap:
+                    try:
+                        fd, scope = self._open(spec, members[0][1], GROUP_READ_FORMAT)
+                    except (OSError, PerfUnsupported):
+                        pass  # maybe the group is full: try it on its own
+                    else:
+                        members.append((spec, fd, scope))
+                        continue
+                try:
+                    fd, scope = self._open(spec, -1, GROUP_READ_FORMAT)
+                except (OSError, PerfUnsupported) as e:
+                    failed.append((spec, e))
+                    continue
+                if members:
+                    groups.append(self._make_group(members, failed))
+                members = [(spec, fd, scope)]
+            if members:
+                groups.append(self._make_group(members, failed))
+        except BaseException:
+            for _, fd, _ in members:
+                os.close(fd)
+            for g in groups:
+                if g is not None:
+                    g.close()
+            raise
+        return [g for g in groups if g is not None], failed
+
+    def _make_group(
+        self, members: list[tuple[EventSpec, int, str]], failed: list[tuple[EventSpec, Exception]]
+    ) -> _Group | None:
+        """A group of the opened ``members`` (leader first), or None (and the members
+        closed and failed) if its event ids cannot be learnt."""
+        fds = tuple(fd for _, fd, _ in members)
+        try:
+            ids = tuple(event_id(fd) for fd in fds)
+        except OSError:
+            # Kernels before 3.12 lack the ioctl; a group read lists the leader first
+            # and the siblings in the order they joined.
+            try:
+                ids = tuple(read_group(fds[0], len(fds))[2])
+                if len(ids) != len(fds):
+                    raise OSError(errno_mod.EIO, f"group of {len(fds)} reads {len(ids)} counters")
+            except OSError as e:
+                for spec, fd, _ in members:
+                    os.close(fd)
+                    failed.append((spec, e))
+                return None
+        for spec, _, scope in members:
+            self.scopes[spec.name] = scope
+        return _Group(tuple(spec.name for spec, _, _ in members), fds, ids, True)
+
+    def _sync(self) -> None:
+        self._fds = {n: fd for g in self._groups for n, fd in zip(g.names, g.fds)}
+        self.available = tuple(n for n in self._order if n in self._fds)
+
+    # ------------------------------------------------------------------ reading
 
     @property
     def closed(self) -> bool:
         return self._closed
 
-    def read_raw(self) -> dict[str, RawCount]:
-        """Cumulative raw reads (value, enabled, running) of every open counter."""
+    @property
+    def groups(self) -> tuple[tuple[str, ...], ...]:
+        """The events read together, one tuple per ``read(2)``."""
+        return tuple(g.names for g in self._groups)
+
+    def _read_groups(self) -> list[tuple[_Group, int, int, tuple[int, ...]]]:
+        """Read every group once: (group, enabled, running, values)."""
         if self._closed:
             raise ValueError(f"counters of thread {self.tid} are closed")
-        out: dict[str, RawCount] = {}
-        for name, fd in list(self._fds.items()):
+        out: list[tuple[_Group, int, int, tuple[int, ...]]] = []
+        broken: list[tuple[_Group, OSError | None]] | None = None
+        unfit: list[_Group] | None = None
+        read = os.read
+        for g in self._groups:
             try:
-                out[name] = read_count(fd)
+                # The kernel returns exactly the size of the group as it is now, so
+                # a group that lost a member reads short.
+                data = read(g.fd, g.size)
+                if len(data) == g.size:
+                    t = g.unpack(data)
+                    out.append((g, t[1], t[2], t[g.values]))
+                    if not g.proven:
+                        if t[2]:
+                            g.proven = True
+                        elif t[1]:
+                            unfit = (unfit or []) + [g]
+                    continue
+                err = None
             except OSError as e:
-                # Retire a counter that went into an error state rather than fail the
-                # whole sample; from now on it is missing, with the reason.
-                del self._fds[name]
-                os.close(fd)
-                self.available = tuple(n for n in self.available if n != name)
-                self.missing[name] = f"{describe_errno(e.errno or 0)} (read failed: {e.strerror})"
+                err = e
+            broken = (broken or []) + [(g, err)]
+        if broken:
+            for g, err in broken:
+                out.extend(self._recover(g, err))
+            self._sync()
+        if unfit:
+            for g in unfit:
+                self._split(g)
         return out
 
+    def _retire(self, name: str, fd: int, err: OSError) -> None:
+        # Retire a counter that went into an error state rather than fail the whole
+        # sample; from now on it is missing, with the reason.
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        self.missing[name] = _read_failure(err)
+
+    def _recover(
+        self, g: _Group, err: OSError | None
+    ) -> list[tuple[_Group, int, int, tuple[int, ...]]]:
+        """A read of ``g`` failed or came back in an unexpected shape: read every
+        member through its own fd, retire the ones that fail, and regroup the rest
+        as the kernel now groups them. Returns this round's reads of the survivors."""
+        self._groups.remove(g)
+        if not g.grouped:
+            if err is None:
+                err = OSError(errno_mod.EIO, "short read of perf counter")
+            self._retire(g.names[0], g.fd, err)
+            return []
+        # The kernel's group (tuple of ids) -> its read and our members in it.
+        found: dict[tuple[int, ...], tuple[int, int, dict[int, int], list[int]]] = {}
+        lost: list[tuple[int, OSError]] = []
+        for i, fd in enumerate(g.fds):
+            try:
+                enabled, running, values = read_group(fd, len(g.fds))
+            except OSError as e:
+                lost.append((i, e))
+                continue
+            if g.ids[i] not in values:
+                lost.append((i, OSError(errno_mod.EIO, "counter is no longer in its group")))
+                continue
+            found.setdefault(tuple(values), (enabled, running, values, []))[3].append(i)
+        for i, e in lost:
+            self._retire(g.names[i], g.fds[i], e)
+        out = []
+        last_enabled, last_running, last_values = g.last
+        for ids, (enabled, running, values, members) in found.items():
+            if len(members) != len(ids):
+                # The kernel's group holds counters we could not read: nothing in it
+                # can be read reliably any more.
+                why = OSError(errno_mod.EIO, "its group holds an unreadable counter")
+                for i in members:
+                    self._retire(g.names[i], g.fds[i], why)
+                continue
+            members.sort(key=lambda i: ids.index(g.ids[i]))
+            new = _Group(
+                tuple(g.names[i] for i in members),
+                tuple(g.fds[i] for i in members),
+                ids,
+                True,
+                (last_enabled, last_running, tuple(last_values[i] for i in members)),
+                g.proven or len(members) == 1,
+            )
+            self._groups.append(new)
+            out.append((new, enabled, running, tuple(values[x] for x in ids)))
+        return out
+
+    def _split(self, g: _Group) -> None:
+        """``g`` was enabled but never ran: it does not fit on the PMU. Reopen it as
+        two groups. If that fails, keep it as it is (and stop trying)."""
+        specs = [_EVENTS_BY_NAME[n] for n in g.names]
+        half = len(specs) // 2
+        new: list[_Group] = []
+        try:
+            for part in (specs[:half], specs[half:]):
+                groups, failed = self._open_packed(part, len(part))
+                new += groups
+                if failed:
+                    raise failed[0][1]
+        except (OSError, PerfUnsupported, NoSuchThread):
+            for n in new:
+                n.close()
+            g.proven = True
+            return
+        self._groups[self._groups.index(g) : self._groups.index(g) + 1] = new
+        g.close()
+        self._sync()
+
+    def read_raw(self) -> dict[str, RawCount]:
+        """Cumulative raw reads (value, enabled, running) of every open counter; the
+        times of grouped events are their group's."""
+        out: dict[str, RawCount] = {}
+        for g, enabled, running, values in self._read_groups():
+            for name, value in zip(g.names, values):
+                out[name] = RawCount(value, enabled, running)
+        return {n: out[n] for n in self._order if n in out}
+
     def read_totals(self) -> dict[str, float | None]:
-        """Scaled counts since the counters were opened."""
+        """Scaled counts since the counters were opened (or their group was split)."""
         return {
             n: scale_count(r.value, r.enabled_ns, r.running_ns) for n, r in self.read_raw().items()
         }
@@ -543,29 +881,34 @@ class ThreadCounters:
         """Scaled counts since the previous ``read_deltas`` (first call: since open).
 
         The interval is scaled by its own enabled/running times, not the totals, so
-        a counter that was starved earlier does not distort later intervals.
+        a counter that was starved earlier does not distort later intervals. Grouped
+        counters share their group's times, so one ratio scales the whole group.
         """
-        now = self.read_raw()
         out: dict[str, float | None] = {}
-        for name, cur in now.items():
-            prev = self._last[name]
-            out[name] = scale_count(
-                cur.value - prev.value,
-                cur.enabled_ns - prev.enabled_ns,
-                cur.running_ns - prev.running_ns,
-            )
-        self._last.update(now)
+        for g, enabled, running, values in self._read_groups():
+            last_enabled, last_running, last_values = g.last
+            g.last = (enabled, running, values)
+            enabled -= last_enabled
+            running -= last_running
+            # As scale_count(), once per group.
+            if enabled <= 0 or running >= enabled:
+                for name, value, last in zip(g.names, values, last_values):
+                    out[name] = float(value - last)
+            elif running == 0:
+                for name in g.names:
+                    out[name] = None
+            else:
+                for name, value, last in zip(g.names, values, last_values):
+                    out[name] = (value - last) * enabled / running
         return out
 
     def close(self) -> None:
         """Close every counter fd; safe to call twice."""
         self._closed = True
-        fds, self._fds = self._fds, {}
-        for fd in fds.values():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        groups, self._groups = self._groups, []
+        self._fds = {}
+        for g in groups:
+            g.close()
 
     def __enter__(self) -> "ThreadCounters":
         return self
@@ -575,7 +918,7 @@ class ThreadCounters:
 
     def __del__(self) -> None:
         # Last resort against fd leaks; callers should close() explicitly.
-        if getattr(self, "_fds", None):
+        if getattr(self, "_groups", None):
             self.close()
 
 
