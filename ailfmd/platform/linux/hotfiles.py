@@ -20,13 +20,19 @@ class HotFiles:
     def __init__(self, root: Root) -> None:
         self.root = root
         self._fds: dict[str, int] = {}
+        # Files found missing stay missing until close(): sysfs attributes appear only
+        # with a device, and a new device means re-discovery, which starts afresh.
+        self._missing: set[str] = set()
 
     def _fd(self, rel: str) -> int:
         fd = self._fds.get(rel)
         if fd is None:
+            if rel in self._missing:
+                raise SysfsError(rel, "missing")
             try:
                 fd = os.open(self.root.join(rel), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
+                self._missing.add(rel)
                 raise SysfsError(rel, "missing") from None
             except PermissionError:
                 raise SysfsError(rel, "permission denied") from None
@@ -54,6 +60,12 @@ class HotFiles:
             raise SysfsError(rel, "not text") from None
 
     def read_int(self, rel: str) -> int:
+        fd = self._fd(rel)
+        try:
+            # Fast path: int() takes the raw bytes, newline included.
+            return int(os.pread(fd, 64, 0))
+        except (OSError, ValueError):
+            pass  # the slow path below names the reason
         text = self.read_str(rel)
         if not text:
             raise SysfsError(rel, "empty")
@@ -71,6 +83,7 @@ class HotFiles:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        self._missing.clear()
 
     def __len__(self) -> int:
         return len(self._fds)

@@ -110,7 +110,7 @@ class LinuxPlatform:
         self._cur_bank = IntBank(self._hot, [f"{p.paths.dir_rel}/scaling_cur_freq" for p in d.policies])
         self._policies: tuple[FreqPolicy, ...] | None = None
         self._throttle: dict[int, ThrottleCounts | None] = {}
-        self._epochs_since_slow = 0
+        self._epoch = 0
 
     def rediscover(self) -> None:
         """Re-read topology, sensors and policies (CPU or sensor hotplug)."""
@@ -160,19 +160,30 @@ class LinuxPlatform:
     def read_policies(self) -> tuple[FreqPolicy, ...]:
         return tuple(cpufreq.read_policy(self._hot, st) for st in self._d.policies)
 
-    def _refresh_slow_state(self) -> None:
-        """Policy limits/governors and throttle counters: they change rarely (or only
-        when we write them), so they are re-read every ``slow_every`` epochs and after
-        every apply, not on every sweep."""
-        self._policies = self.read_policies()
-        self._throttle = {c: cpufreq.read_throttle(self._hot, c) for c in self._d.throttle_cpus}
-        self._epochs_since_slow = 0
+    def _refresh_slow_state(self, part: int | None = None) -> None:
+        """Re-read policy limits/governors and throttle counters.
+
+        They change rarely (or only when we write them), so each epoch re-reads one
+        ``slow_every``-th of them in turn (``part``), which keeps every sweep equally
+        cheap; ``part=None`` re-reads all (first sweep, after a cap was written).
+        """
+        d = self._d
+        n = self.slow_every
+        pols = list(self._policies) if self._policies is not None else [None] * len(d.policies)
+        for i in range(len(d.policies)) if part is None else range(part, len(d.policies), n):
+            pols[i] = cpufreq.read_policy(self._hot, d.policies[i])
+        self._policies = tuple(p for p in pols if p is not None)
+        cpus = d.throttle_cpus if part is None else d.throttle_cpus[part::n]
+        for c in cpus:
+            self._throttle[c] = cpufreq.read_throttle(self._hot, c)
 
     def observe(self) -> Observation:
         d = self._d
-        if self._epochs_since_slow >= self.slow_every or self._policies is None:
+        if self._policies is None:
             self._refresh_slow_state()
-        self._epochs_since_slow += 1
+        else:
+            self._refresh_slow_state(self._epoch % self.slow_every)
+        self._epoch += 1
         temp_values, temp_errors = self._temp_bank.read()
         readings = readings_from_values(d.plan, temp_values, temp_errors)
         temps = cpu_temperatures(d.plan, readings)
