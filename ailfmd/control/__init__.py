@@ -1,0 +1,1 @@
+"""The control loop and the safety shield."""

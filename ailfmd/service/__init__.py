@@ -1,0 +1,1 @@
+"""The operator surface: daemon, config, control socket, metrics, systemd."""
