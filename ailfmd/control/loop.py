@@ -1,0 +1,157 @@
+"""One control epoch: observe -> policy -> safety shield -> apply -> report.
+
+The loop never stops protecting the machine because of its policy: an exception, a
+non-finite or out-of-range output, a schema mismatch or a decision that took longer than
+its budget makes this epoch use the fallback baseline instead, and the record says why.
+In ``observe`` mode, or while paused, everything is decided and reported but nothing is
+applied.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ailfmd.control.records import MODES, TickRecord
+from ailfmd.control.shield import SafetyShield
+from ailfmd.platform.base import Action, Observation, Platform, ThreadRef
+from ailfmd.policy.base import Decision, Policy, Reason
+
+log = logging.getLogger("ailfmd.loop")
+
+Sink = Callable[[TickRecord], None]
+
+
+class PolicyOutputError(ValueError):
+    """A policy produced something the platform must not be given."""
+
+
+def validate_decision(decision: object, obs: Observation) -> Decision:
+    """The decision if it is well-formed for this observation; PolicyOutputError otherwise."""
+    if not isinstance(decision, Decision) or not isinstance(decision.action, Action):
+        raise PolicyOutputError(f"policy returned {type(decision).__name__}, not a Decision")
+    caps = decision.action.freq_cap_khz
+    for cpu, cap in caps.items():
+        if cpu not in obs.cpus:
+            raise PolicyOutputError(f"frequency cap for unknown cpu {cpu!r}")
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0:
+            raise PolicyOutputError(f"frequency cap for cpu {cpu} is {cap!r}")
+    for ref, cpus in decision.action.affinity.items():
+        if not isinstance(ref, ThreadRef):
+            raise PolicyOutputError(f"affinity key {ref!r} is not a thread")
+        if not cpus or not set(cpus) <= set(obs.cpus):
+            raise PolicyOutputError(f"affinity for thread {ref.tid} is {sorted(cpus)!r}, not a set of online CPUs")
+    clean_caps = {cpu: int(cap) for cpu, cap in caps.items()}
+    # Threads that are no longer observed are dropped: the policy saw an older world.
+    affinity = {ref: frozenset(c) for ref, c in decision.action.affinity.items() if ref.tid in obs.threads}
+    return Decision(Action(affinity=affinity, freq_cap_khz=clean_caps), decision.reasons, decision.info)
+
+
+@dataclass
+class ControlLoop:
+    platform: Platform
+    policy: Policy
+    fallback: Policy
+    shield: SafetyShield
+    mode: str = "observe"
+    decide_budget_s: float = 0.05
+    sinks: list[Sink] = field(default_factory=list)
+    wall_clock: Callable[[], float] = time.time
+    perf_clock: Callable[[], float] = time.perf_counter
+    paused: bool = False
+    epoch: int = 0
+    last: TickRecord | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r}: must be one of {', '.join(MODES)}")
+        self.reset()
+
+    def reset(self) -> None:
+        """After (re)discovery: tell the policies and the shield about the topology."""
+        topo, caps = self.platform.topology(), self.platform.capabilities()
+        self.shield.reset(topo)
+        for p in (self.policy, self.fallback):
+            try:
+                p.reset(topo, caps)
+            except Exception as e:  # a broken policy must not stop the loop
+                log.error("policy %s failed to reset: %s", getattr(p, "name", "?"), e)
+
+    def set_policy(self, policy: Policy) -> None:
+        self.policy = policy
+        self.reset()
+
+    def _decide(self, obs: Observation) -> tuple[Decision, str, str | None, float | None]:
+        """(decision, policy name, fallback reason, inference seconds)."""
+        t0 = self.perf_clock()
+        fallback_reason: str | None = None
+        try:
+            decision = validate_decision(self.policy.decide(obs), obs)
+            took = self.perf_clock() - t0
+            if took > self.decide_budget_s:
+                fallback_reason = f"timeout: {self.policy.name} took {took * 1e3:.1f} ms > {self.decide_budget_s * 1e3:.0f} ms"
+            else:
+                return decision, self.policy.name, None, took
+        except Exception as e:  # any policy failure: fall back, say why
+            took = self.perf_clock() - t0
+            fallback_reason = f"{type(e).__name__}: {e}"
+        try:
+            decision = validate_decision(self.fallback.decide(obs), obs)
+        except Exception as e:
+            # Even the fallback failed: apply nothing but what the shield adds.
+            fallback_reason += f"; fallback {self.fallback.name} failed too: {type(e).__name__}: {e}"
+            decision = Decision(Action())
+        note = Reason("policy", "fallback", f"fallback:{self.fallback.name}", fallback_reason)
+        decision = Decision(decision.action, decision.reasons + (note,), decision.info)
+        return decision, self.fallback.name, fallback_reason, took
+
+    def tick(self) -> TickRecord:
+        """Run one epoch and report it to every sink."""
+        t0 = self.perf_clock()
+        obs = self.platform.observe()
+        t1 = self.perf_clock()
+        decision, name, fallback_reason, inference_s = self._decide(obs)
+        t2 = self.perf_clock()
+        decision, shield_reasons = self.shield.filter(obs, decision)
+        t3 = self.perf_clock()
+        applied = None
+        if self.mode == "enforce" and not self.paused:
+            applied = self.platform.apply(decision.action)
+            for o in applied.outcomes:
+                if not o.ok:
+                    log.warning("could not apply %s = %s: %s", o.target, o.requested, o.detail)
+        t4 = self.perf_clock()
+        limit = self.shield.config.limit_c
+        violations = tuple(c for c, s in obs.cpus.items() if s.temp.temp_c is not None and s.temp.temp_c >= limit)
+        rec = TickRecord(
+            epoch=self.epoch,
+            time_s=obs.time_s,
+            wall_time_s=self.wall_clock(),
+            mode=self.mode,
+            paused=self.paused,
+            policy_name=name,
+            observation=obs,
+            decision=decision,
+            shield=shield_reasons,
+            fallback=fallback_reason,
+            applied=applied,
+            inference_s=inference_s,
+            timings_s={"observe": t1 - t0, "decide": t2 - t1, "shield": t3 - t2, "apply": t4 - t3, "total": t4 - t0},
+            limit_c=limit,
+            violations=violations,
+        )
+        if fallback_reason:
+            log.warning("epoch %d: policy %s not used: %s", self.epoch, self.policy.name, fallback_reason)
+        for r in shield_reasons:
+            log.info("shield: %s %s: %s (%s)", r.kind, r.target, r.detail, r.predicted or "")
+        self.epoch += 1
+        self.last = rec
+        for sink in self.sinks:
+            try:
+                sink(rec)
+            except Exception as e:  # a reporter must never stop the loop
+                log.error("reporting epoch %d failed: %s: %s", rec.epoch, type(e).__name__, e)
+        return rec
