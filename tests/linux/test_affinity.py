@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import subprocess
 import sys
 import textwrap
@@ -12,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from childproc import child_process
 
 from ailfmd.errors import NoSuchThread, ThreadReused, WriteRefused
 from ailfmd.platform.base import ThreadRef
@@ -49,30 +49,12 @@ class Child:
         return ThreadRef(self.pid, tid, read_start_ticks(PROC, self.pid, tid))
 
 
-def _spawn() -> Child:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        ready, _, _ = select.select([proc.stdout], [], [], 20)
-        assert ready and proc.stdout is not None, "child did not start"
-        tids = tuple(int(x) for x in proc.stdout.readline().split())
-        assert len(tids) == 4
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    return Child(proc, proc.pid, tids)
-
-
 @pytest.fixture
 def child():
-    c = _spawn()
-    try:
-        yield c
-    finally:
-        c.proc.kill()
-        c.proc.wait(10)
+    with child_process(_CHILD) as (proc, words):
+        tids = tuple(int(x) for x in words)
+        assert len(tids) == 4
+        yield Child(proc, proc.pid, tids)
 
 
 @pytest.fixture
@@ -138,9 +120,9 @@ def test_reused_start_time_is_refused_untouched(child: Child, two_cpus: tuple[in
     assert os.sched_getaffinity(w) == before
 
 
-def test_vanished_thread(two_cpus: tuple[int, int]) -> None:
+def test_vanished_thread(two_cpus: tuple[int, int], child: Child) -> None:
     a, _ = two_cpus
-    c = _spawn()
+    c = child
     ref = c.ref(c.tids[2])
     c.proc.kill()
     c.proc.wait(10)

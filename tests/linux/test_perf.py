@@ -11,7 +11,6 @@ import gc
 import json
 import os
 import re
-import select
 import shutil
 import struct
 import subprocess
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from childproc import child_process
 
 from ailfmd.errors import NoSuchThread
 from ailfmd.platform.linux import perf
@@ -63,33 +63,11 @@ class Child:
     nap_tid: int
 
 
-def _spawn() -> Child:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _CHILD],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        ready, _, _ = select.select([proc.stdout], [], [], 20)
-        assert ready, "child did not start"
-        assert proc.stdout is not None
-        spin_tid, nap_tid = (int(x) for x in proc.stdout.readline().split())
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    return Child(proc, spin_tid, nap_tid)
-
-
 @pytest.fixture
 def child():
-    c = _spawn()
-    try:
-        yield c
-    finally:
-        c.proc.kill()
-        c.proc.wait(10)
+    with child_process(_CHILD) as (proc, words):
+        spin_tid, nap_tid = (int(x) for x in words)
+        yield Child(proc, spin_tid, nap_tid)
 
 
 @pytest.fixture(params=[True, False], ids=["grouped", "per-event"])
@@ -338,8 +316,8 @@ def test_hardware_counters_count_or_say_why_not(child: Child, group: bool) -> No
         assert 0.05 < ipc < 10
 
 
-def test_counters_of_a_gone_thread_raise_no_such_thread() -> None:
-    c = _spawn()
+def test_counters_of_a_gone_thread_raise_no_such_thread(child: Child) -> None:
+    c = child
     c.proc.kill()
     c.proc.wait(10)
     with pytest.raises(NoSuchThread) as info:
@@ -664,8 +642,8 @@ def test_a_group_that_never_runs_is_split(child: Child) -> None:
             os.close(fd)
 
 
-def test_counters_of_an_exited_thread_read_zero(group: bool) -> None:
-    c = _spawn()
+def test_counters_of_an_exited_thread_read_zero(group: bool, child: Child) -> None:
+    c = child
     try:
         with perf.ThreadCounters(c.spin_tid, group=group) as tc:
             time.sleep(0.1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import select
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from childproc import child_process
 
 from ailfmd.errors import NoSuchThread, SysfsError
 from ailfmd.platform.linux import procfs as pfs
@@ -58,28 +58,14 @@ class Child:
     nap_tid: int
 
 
-def _spawn() -> Child:
-    args = [sys.executable, "-c", _CHILD, "extra arg", ""]
-    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        ready, _, _ = select.select([proc.stdout], [], [], 20)
-        assert ready and proc.stdout is not None, "child did not start"
-        spin_tid, nap_tid = (int(x) for x in proc.stdout.readline().split())
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    return Child(proc, args, proc.pid, spin_tid, nap_tid)
+_ARGS = ["extra arg", ""]
 
 
 @pytest.fixture
 def child():
-    c = _spawn()
-    try:
-        yield c
-    finally:
-        c.proc.kill()
-        c.proc.wait(10)
+    with child_process(_CHILD, *_ARGS) as (proc, words):
+        spin_tid, nap_tid = (int(x) for x in words)
+        yield Child(proc, [sys.executable, "-c", _CHILD, *_ARGS], proc.pid, spin_tid, nap_tid)
 
 
 # --------------------------------------------------------------------------- real /proc
@@ -149,8 +135,8 @@ def test_status_cgroup_comm_cmdline(child: Child) -> None:
     assert pfs.read_cgroup_v2_path(PROC, child.pid) == (v2[0] if v2 else None)
 
 
-def test_a_vanished_process_is_no_such_thread() -> None:
-    c = _spawn()
+def test_a_vanished_process_is_no_such_thread(child: Child) -> None:
+    c = child
     c.proc.kill()
     c.proc.wait(10)
     readers = [

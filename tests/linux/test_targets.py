@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import select
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from childproc import start_child, start_child_with, stop_child
 
 from ailfmd.errors import ConfigError, NoSuchThread, SysfsError
 from ailfmd.platform.base import ThreadRef
@@ -68,16 +68,12 @@ def spawn():
     procs: list[subprocess.Popen[str]] = []
 
     def start(comm: str = "", executable: str | None = None) -> Child:
-        proc = subprocess.Popen(
-            [executable or sys.executable, "-c", _CHILD, comm],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        if executable is None:
+            proc, words = start_child(_CHILD, comm)
+        else:  # the same script under another interpreter name (comm/argv[0] tests)
+            proc, words = start_child_with(executable, _CHILD, comm)
         procs.append(proc)
-        ready, _, _ = select.select([proc.stdout], [], [], 20)
-        assert ready and proc.stdout is not None, "child did not start"
-        tids = tuple(int(x) for x in proc.stdout.readline().split())
+        tids = tuple(int(x) for x in words)
         assert len(tids) == 4, "child did not report its threads"
         return Child(proc, proc.pid, tids)
 
@@ -85,9 +81,7 @@ def spawn():
         yield start
     finally:
         for proc in procs:
-            proc.kill()
-        for proc in procs:
-            proc.wait(10)
+            stop_child(proc)
 
 
 def _unique(prefix: str) -> str:
