@@ -26,8 +26,11 @@ def start_child_with(
         [executable, "-c", script, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     try:
-        ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
-        assert ready and proc.stdout is not None, "child did not start"
+        assert proc.stdout is not None
+        # poll, not select: select() cannot watch descriptors numbered 1024 and up.
+        waiter = select.poll()
+        waiter.register(proc.stdout, select.POLLIN)
+        assert waiter.poll(timeout_s * 1000), "child did not start"
         words = proc.stdout.readline().split()
     except BaseException:
         stop_child(proc)

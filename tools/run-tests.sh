@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/bootstrap.sh test
+tools/install-test-deps.sh
 exec .venv/bin/python -m pytest "$@"
