@@ -270,9 +270,13 @@ class ThermalModel:
         inactive_mask = np.ones(self.n_cores, dtype=bool)
         inactive_mask[active] = False
         idle = np.broadcast_to(np.asarray(inactive_power_w, dtype=float), (self.n_cores,))
-        rows = self._core_influence[active] if over == "active" else self._core_influence
+        # Every core's budget from the same products, so that "all" (a minimum over a
+        # superset) can never come out above "active" by a rounding difference.
+        rows = self._core_influence
         headroom = limit_c - self.ambient_c - rows[:, inactive_mask] @ idle[inactive_mask]
         budgets = headroom / rows[:, active].sum(axis=1)
+        if over == "active":
+            budgets = budgets[active]
         return max(0.0, float(budgets.min()))
 
 

@@ -88,6 +88,12 @@ class HotFiles:
     def __len__(self) -> int:
         return len(self._fds)
 
+    def __del__(self) -> None:
+        # Last resort, like a file object: an owner that forgot close() must not leak
+        # hundreds of descriptors.
+        if getattr(self, "_fds", None):
+            self.close()
+
 
 class IntBank:
     """A fixed set of integer files read together each epoch, as fast as Python allows.

@@ -1,0 +1,129 @@
+"""``ailfm``: the offline lab. ``ailfm sim`` runs one scenario on the simulated chip.
+
+Subcommands register themselves in :func:`build_parser` (one ``_add_*`` function each),
+so ``bench``, ``record`` and ``train`` slot in beside ``sim``. Errors the user can fix (a
+bad chip or workload file, an unknown policy) print one line naming the file, key and
+value and exit with status 2; they never print a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from ailfmd.errors import AilfmError
+from ailfmd.sim.chip import DEFAULT_CHIP, load_chip
+from ailfmd.sim.engine import DEFAULT_TICK_S
+from ailfmd.sim.metrics import RunMetrics
+
+EXIT_USAGE = 2  # bad input, as argparse uses
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return value
+
+
+# --------------------------------------------------------------------------- sim
+
+
+def _add_sim(sub: argparse._SubParsersAction) -> None:
+    from ailfmd.lab.run import DEFAULT_EPOCH_S
+    from ailfmd.policy.baselines import baseline_names
+
+    s = sub.add_parser("sim", help="simulate one scenario and print its metrics",
+                       description="Run a workload on a simulated chip under a policy, in "
+                                   "virtual time, and print response times, throughput, "
+                                   "temperature and energy.")
+    s.add_argument("--chip", default=DEFAULT_CHIP,
+                   help=f"shipped chip name or TOML file (default {DEFAULT_CHIP})")
+    s.add_argument("--workload", required=True, help="shipped workload name or TOML file")
+    s.add_argument("--policy", default="linux", help=f"baseline policy ({', '.join(baseline_names())})")
+    s.add_argument("--duration", type=_positive_float, required=True, metavar="S",
+                   help="simulated seconds of request arrivals")
+    s.add_argument("--seed", type=int, default=0, help="seed of the request stream (default 0)")
+    s.add_argument("--epoch-ms", type=_positive_float, default=DEFAULT_EPOCH_S * 1e3,
+                   help="control period of the policy (default %(default)g ms)")
+    s.add_argument("--tick-ms", type=_positive_float, default=DEFAULT_TICK_S * 1e3,
+                   help="simulation tick (default %(default)g ms; DTM is resolved to 1 ms)")
+    s.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    s.set_defaults(func=_cmd_sim)
+
+
+def _cmd_sim(args: argparse.Namespace) -> int:
+    from ailfmd.lab.run import Scenario, run_scenario
+    from ailfmd.policy.baselines import get_baseline
+    from ailfmd.sim.workload import load_workload
+
+    chip = load_chip(args.chip)
+    workload = load_workload(args.workload)
+    policy = get_baseline(args.policy)
+    scenario = Scenario(chip, workload, args.seed, args.duration, args.epoch_ms / 1e3, args.tick_ms / 1e3)
+    result = run_scenario(scenario, policy)
+    head = {"chip": chip.name, "workload": workload.name, "policy": policy.name, "seed": args.seed,
+            "tick_s": scenario.tick_s, "epoch_s": scenario.epoch_s}
+    if args.json:
+        json.dump({"scenario": head, **result.metrics.as_dict()}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(render_metrics(head, result.metrics, chip.dtm.threshold_c))
+    return 0
+
+
+def _fmt(value: float | None, spec: str, unit: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{unit}"
+
+
+def render_metrics(head: dict[str, object], m: RunMetrics, dtm_threshold_c: float) -> str:
+    """The small human table ``ailfm sim`` prints."""
+    rows = [
+        ("scenario", f"chip {head['chip']}, workload {head['workload']}, policy {head['policy']}, "
+                     f"seed {head['seed']}, {m.duration_s:g} s (tick {head['tick_s'] * 1e3:g} ms, "
+                     f"epoch {head['epoch_s'] * 1e3:g} ms)"),
+        ("requests", f"{m.requests_completed} completed, {m.requests_in_flight} in flight, "
+                     f"{m.requests_arrived} arrived"),
+        ("response", f"mean {_fmt(m.mean_response_s, '.3f', ' s')}, "
+                     f"p99 {_fmt(m.p99_response_s, '.3f', ' s')}"),
+        ("tokens/s", f"output {m.output_tokens_per_s:.2f}, prefill {m.prefill_tokens_per_s:.1f}"),
+        ("peak temp", f"{m.peak_temp_c:.1f} °C (DTM threshold {dtm_threshold_c:g} °C)"),
+        ("above DTM", f"{m.time_above_dtm_s:.2f} s ({100 * m.time_above_dtm_fraction:.1f} %), "
+                      f"{m.dtm_throttle_events} throttle events"),
+        ("energy", f"{m.energy_j:.0f} J, {_fmt(m.energy_per_output_token_j, '.2f', ' J')} per output token"),
+        ("frequency", f"mean {_fmt(m.mean_freq_mhz, '.0f', ' MHz')}, "
+                      f"busy cores {_fmt(m.mean_busy_freq_mhz, '.0f', ' MHz')}"),
+        ("migrations", f"{m.migrations}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "".join(f"{k:<{width}}  {v}\n" for k, v in rows)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ailfm", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_sim(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except AilfmError as e:
+        print(f"ailfm: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

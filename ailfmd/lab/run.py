@@ -1,0 +1,75 @@
+"""Run one scenario offline: a policy drives a SimPlatform epoch by epoch, in virtual time.
+
+Each epoch is the control loop of the daemon without the daemon: ``observe()``, the
+policy's ``decide()``, ``apply()``, then the simulation advances one epoch. The result is
+the run's metrics (``ailfmd.sim.metrics.RunMetrics``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ailfmd.platform.base import ApplyResult, Observation
+from ailfmd.policy.base import Decision, Policy
+from ailfmd.sim.chip import Chip
+from ailfmd.sim.engine import DEFAULT_TICK_S
+from ailfmd.sim.metrics import RunMetrics
+from ailfmd.sim.platform import SimPlatform
+from ailfmd.sim.workload import Workload
+
+DEFAULT_EPOCH_S = 0.1
+
+EpochHook = Callable[[Observation, Decision, ApplyResult], None]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """What to simulate: chip, request stream, seed, horizon and time resolution."""
+
+    chip: Chip
+    workload: Workload
+    seed: int
+    duration_s: float
+    epoch_s: float = DEFAULT_EPOCH_S
+    tick_s: float = DEFAULT_TICK_S
+
+    def __post_init__(self) -> None:
+        if not self.duration_s > 0 or not self.epoch_s > 0 or not self.tick_s > 0:
+            raise ValueError("duration_s, epoch_s and tick_s must be > 0")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    scenario: Scenario
+    policy: str
+    metrics: RunMetrics
+    epochs: int
+    refused_actions: int  # apply outcomes that were not ok
+
+
+def run_scenario(scenario: Scenario, policy: Policy, on_epoch: EpochHook | None = None) -> RunResult:
+    """Simulate ``scenario`` under ``policy``; ``on_epoch`` sees every epoch (recorders)."""
+    sc = scenario
+    platform = SimPlatform(sc.chip, sc.workload, sc.seed, tick_s=sc.tick_s, duration_s=sc.duration_s)
+    # Whole ticks only: the epoch is rounded to ticks, the last epoch may be shorter.
+    epoch_ticks = max(1, round(sc.epoch_s / sc.tick_s))
+    total_ticks = max(1, round(sc.duration_s / sc.tick_s))
+    epochs = refused = 0
+    try:
+        policy.reset(platform.topology(), platform.capabilities())
+        done = 0
+        while done < total_ticks:
+            obs = platform.observe()
+            decision = policy.decide(obs)
+            result = platform.apply(decision.action)
+            refused += sum(1 for o in result.outcomes if not o.ok)
+            if on_epoch is not None:
+                on_epoch(obs, decision, result)
+            ticks = min(epoch_ticks, total_ticks - done)
+            platform.advance(ticks * sc.tick_s)
+            done += ticks
+            epochs += 1
+        return RunResult(sc, policy.name, platform.metrics(), epochs, refused)
+    finally:
+        platform.close()

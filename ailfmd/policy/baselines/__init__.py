@@ -1,0 +1,41 @@
+"""Baseline policies, by name. Each implements :class:`ailfmd.policy.base.Policy`.
+
+``get_baseline(name)`` builds a fresh instance; ``baseline_names()`` lists the names.
+The registry is a mapping from names to classes, kept apart from the implementations.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ailfmd.errors import AilfmError
+from ailfmd.policy.base import Policy
+from ailfmd.policy.baselines.linux import LinuxBaseline
+from ailfmd.policy.baselines.stepwise import StepwiseBaseline
+
+_FACTORIES: dict[str, Callable[[], Policy]] = {
+    "linux": LinuxBaseline,
+    "stepwise": StepwiseBaseline,
+}
+
+
+class UnknownPolicy(AilfmError):
+    """No baseline has this name; the message lists the known names."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"unknown policy {name!r}; known: {', '.join(baseline_names())}")
+        self.name = name
+
+
+def baseline_names() -> tuple[str, ...]:
+    """Names of the built-in baselines, sorted."""
+    return tuple(sorted(_FACTORIES))
+
+
+def get_baseline(name: str) -> Policy:
+    """A new instance of the baseline called ``name``."""
+    try:
+        factory = _FACTORIES[name]
+    except KeyError:
+        raise UnknownPolicy(name) from None
+    return factory()
