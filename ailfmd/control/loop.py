@@ -124,8 +124,11 @@ class ControlLoop:
                 if not o.ok:
                     log.warning("could not apply %s = %s: %s", o.target, o.requested, o.detail)
         t4 = self.perf_clock()
-        limit = self.shield.config.limit_c
-        violations = tuple(c for c, s in obs.cpus.items() if s.temp.temp_c is not None and s.temp.temp_c >= limit)
+        limits = self.shield.limits_c(obs)
+        limit = min((lim for lim, _ in limits.values()), default=self.shield.config.limit_c)
+        violations = tuple(
+            c for c, s in obs.cpus.items() if s.temp.temp_c is not None and s.temp.temp_c >= limits[c][0]
+        )
         rec = TickRecord(
             epoch=self.epoch,
             time_s=obs.time_s,

@@ -1,6 +1,9 @@
 """The safety shield: whatever the policy said, no core is left running hot.
 
-It sits after the policy and before the platform. Per CPU with a temperature reading:
+It sits after the policy and before the platform, per CPU with a temperature reading.
+
+The limit is the configured ``limit_c``, or the sensor's own maximum where it reports one
+and that is lower (likewise for critical). Then:
 
 - ``temp >= limit - margin`` (the guard band): the CPU's cap is cut by ``cut_fraction``
   of the hardware range per epoch, down to the hardware minimum, and the hottest managed
@@ -32,6 +35,7 @@ class ShieldConfig:
     cut_fraction: float = 0.25  # of the hardware range, per epoch in the guard band
     release_fraction: float = 0.05  # of the hardware range, per epoch when cool
     min_freq_khz: int | None = None  # floor for shield caps (never below hardware min)
+    follow_sensor_limits: bool = True  # lower the limits to what sensors report as their max/crit
 
     def __post_init__(self) -> None:
         if not self.critical_c > self.limit_c > self.margin_c > 0:
@@ -46,6 +50,7 @@ class SafetyShield:
     config: ShieldConfig
     topology: Topology
     _caps_khz: dict[int, int] = field(default_factory=dict)  # shield's own ceiling per CPU
+    _last: dict[int, tuple[float, float]] = field(default_factory=dict)  # cpu -> (time_s, temp_c)
 
     def reset(self, topology: Topology) -> None:
         self.topology = topology
@@ -55,39 +60,63 @@ class SafetyShield:
     def active_caps_khz(self) -> dict[int, int]:
         return dict(self._caps_khz)
 
+    def limits_c(self, obs: Observation) -> dict[int, tuple[float, float]]:
+        """Per CPU (limit, critical): the configured ones, or lower where the sensor itself
+        reports a maximum / critical temperature (hwmon ``tempN_max``/``_crit``, the
+        simulated chip's DTM threshold)."""
+        cfg = self.config
+        hw = {(r.sensor.chip, r.sensor.sensor): (r.max_c, r.crit_c) for r in obs.sensors} if cfg.follow_sensor_limits else {}
+        out: dict[int, tuple[float, float]] = {}
+        for cpu, st in obs.cpus.items():
+            src = st.temp.source
+            max_c, crit_c = hw.get((src.chip, src.sensor), (None, None)) if src is not None else (None, None)
+            limit = cfg.limit_c if max_c is None else min(cfg.limit_c, max_c)
+            crit = cfg.critical_c if crit_c is None else min(cfg.critical_c, crit_c)
+            out[cpu] = (limit, max(crit, limit + 0.1))
+        return out
+
     def filter(self, obs: Observation, decision: Decision) -> tuple[Decision, tuple[Reason, ...]]:
         """The decision to apply and the shield's own reasons (empty when it did nothing)."""
         cfg = self.config
-        guard_c = cfg.limit_c - cfg.margin_c
-        release_c = cfg.limit_c - 2 * cfg.margin_c
+        limits = self.limits_c(obs)
         caps = dict(decision.action.freq_cap_khz)
         affinity = dict(decision.action.affinity)
         reasons: list[Reason] = []
         hot: list[int] = []
         critical_pkgs: set[int] = set()
+        predicted: dict[int, float] = {}
         for cpu, st in obs.cpus.items():
             t = st.temp.temp_c
             if t is None:
                 continue
-            if t >= cfg.critical_c:
+            predicted[cpu] = self._predict(cpu, obs.time_s, t)
+            limit_c, critical_c = limits[cpu]
+            if t >= critical_c:
                 critical_pkgs.add(self.topology.cpus[cpu].package_id if cpu in self.topology.cpus else -1)
-            if t >= guard_c:
+            if t >= limit_c - cfg.margin_c or predicted[cpu] >= limit_c:
                 hot.append(cpu)
         for cpu, st in obs.cpus.items():
             lo, hi = self._range(st)
             if lo is None or hi is None:
                 continue
+            limit_c, critical_c = limits[cpu]
+            guard_c = limit_c - cfg.margin_c
+            release_c = limit_c - 2 * cfg.margin_c
             t = st.temp.temp_c
             pkg = self.topology.cpus[cpu].package_id if cpu in self.topology.cpus else -1
             sensor = f"{st.temp.source.chip}/{st.temp.source.sensor}" if st.temp.source else None
             prev = self._caps_khz.get(cpu)
             if pkg in critical_pkgs:
                 new = lo
-                why, thr = "package at or above the critical temperature: hardware minimum", cfg.critical_c
+                why, thr = "package at or above the critical temperature: hardware minimum", critical_c
+            elif t is not None and (t >= limit_c or predicted[cpu] >= limit_c):
+                # At the limit, or heading past it before the next epoch: no half measures.
+                new = lo
+                why, thr = f"at or heading past the {limit_c:g} C limit (next epoch ~{predicted[cpu]:.1f} C): minimum", limit_c
             elif t is not None and t >= guard_c:
                 base = prev if prev is not None else (st.cap_khz or hi)
                 new = max(lo, int(base - cfg.cut_fraction * (hi - lo)))
-                why, thr = f"within {cfg.margin_c:g} C of the {cfg.limit_c:g} C limit: cap cut", guard_c
+                why, thr = f"within {cfg.margin_c:g} C of the {limit_c:g} C limit: cap cut", guard_c
             elif prev is not None and t is not None and t < release_c:
                 new = int(prev + cfg.release_fraction * (hi - lo))
                 if new >= hi:
@@ -107,11 +136,68 @@ class SafetyShield:
                 caps[cpu] = new
                 reasons.append(Reason(f"cpu {cpu}", "freq_cap", "shield", why, sensor, t, thr,
                                       f"cap {new // 1000} MHz (policy asked {asked // 1000 if asked else 'none'})"))
-        reasons += self._move_hottest_threads(obs, hot, guard_c, affinity)
+        reasons += self._keep_work_off(hot, obs, limits, affinity)
+        reasons += self._move_hottest_threads(obs, hot, limits, affinity)
         if not reasons:
             return decision, ()
         action = Action(affinity=affinity, freq_cap_khz=caps)
         return Decision(action, decision.reasons + tuple(reasons), dict(decision.info)), tuple(reasons)
+
+    def _predict(self, cpu: int, time_s: float, temp_c: float) -> float:
+        """Temperature expected one epoch ahead if it keeps rising as it did (never lower
+        than now: a falling core is judged on where it is)."""
+        last = self._last.get(cpu)
+        self._last[cpu] = (time_s, temp_c)
+        if last is None or time_s <= last[0]:
+            return temp_c
+        return temp_c + max(0.0, temp_c - last[1])
+
+    def _keep_work_off(
+        self,
+        hot: list[int],
+        obs: Observation,
+        limits: dict[int, tuple[float, float]],
+        affinity: dict[ThreadRef, frozenset[int]],
+    ) -> list[Reason]:
+        """No new work onto a hot CPU: hot CPUs are taken out of every CPU set the policy
+        asks for; a set left empty gets as many of the coolest CPUs instead."""
+        if not hot or not affinity:
+            return []
+        hot_set = set(hot)
+        margin = self.config.margin_c
+        cool = [
+            cpu
+            for _, cpu in sorted(
+                (st.temp.temp_c, cpu)
+                for cpu, st in obs.cpus.items()
+                if st.temp.temp_c is not None and cpu not in hot_set and st.temp.temp_c < limits[cpu][0] - margin
+            )
+        ]
+        changed = 0
+        for ref, cpus in list(affinity.items()):
+            if not cpus & hot_set:
+                continue
+            keep = cpus - hot_set
+            if not keep:
+                if not cool:
+                    continue  # nowhere cooler to go; caps and DTM protect
+                keep = frozenset(cool[: len(cpus)])
+            affinity[ref] = keep
+            changed += 1
+        if not changed:
+            return []
+        return [
+            Reason(
+                f"{changed} thread(s)",
+                "placement",
+                "shield",
+                f"hot CPUs {sorted(hot_set)[:8]}{'...' if len(hot_set) > 8 else ''} removed from the CPU sets asked for",
+                None,
+                None,
+                None,
+                "no new work lands on a CPU near its limit",
+            )
+        ]
 
     def _range(self, st: CpuState) -> tuple[int | None, int | None]:
         lo, hi = st.hw_min_khz, st.hw_max_khz
@@ -122,12 +208,19 @@ class SafetyShield:
         return lo, hi
 
     def _move_hottest_threads(
-        self, obs: Observation, hot: list[int], guard_c: float, affinity: dict[ThreadRef, frozenset[int]]
+        self,
+        obs: Observation,
+        hot: list[int],
+        limits: dict[int, tuple[float, float]],
+        affinity: dict[ThreadRef, frozenset[int]],
     ) -> list[Reason]:
         if not hot or not obs.threads:
             return []
+        margin = self.config.margin_c
         cool = sorted(
-            (st.temp.temp_c, cpu) for cpu, st in obs.cpus.items() if st.temp.temp_c is not None and st.temp.temp_c < guard_c
+            (st.temp.temp_c, cpu)
+            for cpu, st in obs.cpus.items()
+            if st.temp.temp_c is not None and st.temp.temp_c < limits[cpu][0] - margin
         )
         if not cool:
             return []
@@ -156,7 +249,7 @@ class SafetyShield:
                     f"busiest thread on hot cpu {cpu} moved to the coolest cpu {target}",
                     None,
                     t,
-                    guard_c,
+                    limits[cpu][0] - margin,
                     f"cpu {cpu} loses its busiest thread; cpu {target} is at {obs.cpus[target].temp.temp_c:.1f} C",
                 )
             )

@@ -1,0 +1,72 @@
+"""The shield on the simulated chip: a policy gone mad cannot overheat it."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ailfmd.control.loop import ControlLoop
+from ailfmd.control.shield import SafetyShield, ShieldConfig
+from ailfmd.platform.base import Action, Capabilities, Observation, Topology
+from ailfmd.policy.base import Decision
+from ailfmd.policy.baselines import get_baseline
+from ailfmd.sim.chip import load_chip
+from ailfmd.sim.platform import SimPlatform
+from ailfmd.sim.workload import load_workload
+
+DURATION_S = 8.0
+EPOCH_S = 0.1
+
+
+class RandomActions:
+    """Random caps (often the maximum) and random single-CPU pinning, every epoch."""
+
+    name = "random"
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def reset(self, topology: Topology, capabilities: Capabilities) -> None:
+        self.cpus = sorted(topology.cpus)
+
+    def decide(self, obs: Observation) -> Decision:
+        caps = {}
+        for cpu, st in obs.cpus.items():
+            lo, hi = st.hw_min_khz or 1, st.hw_max_khz or 1
+            caps[cpu] = hi if self.rng.random() < 0.6 else int(self.rng.uniform(lo, hi))
+        # Pile threads onto a few CPUs of the hottest (top) layer to make things worse.
+        top = self.cpus[-16:]
+        affinity = {t.ref: frozenset({int(self.rng.choice(top))}) for t in obs.threads.values()}
+        return Decision(Action(affinity=affinity, freq_cap_khz=caps))
+
+
+def run(policy, shield: bool, seed: int = 3) -> tuple[float, float, int]:
+    """(peak temp, time above DTM, shield interventions) over the run."""
+    chip = load_chip("3d-64")
+    plat = SimPlatform(chip, load_workload("decode-heavy"), seed=seed, duration_s=DURATION_S)
+    # Without the shield: a limit it can never reach, so it never acts.
+    off = ShieldConfig(limit_c=200.0, margin_c=1.0, critical_c=300.0, follow_sensor_limits=False)
+    cfg = ShieldConfig() if shield else off
+    loop = ControlLoop(plat, policy, get_baseline("linux"), SafetyShield(cfg, plat.topology()), mode="enforce")
+    interventions = 0
+    for _ in range(int(DURATION_S / EPOCH_S)):
+        rec = loop.tick()
+        interventions += len(rec.shield)
+        plat.advance(EPOCH_S)
+    m = plat.metrics()
+    return m.peak_temp_c, m.time_above_dtm_s, interventions
+
+
+def test_random_policy_under_the_shield_is_no_worse_than_linux() -> None:
+    chip = load_chip("3d-64")
+    peak_r, above_r, n_shield = run(RandomActions(7), shield=True)
+    peak_l, above_l, _ = run(get_baseline("linux"), shield=False)
+    assert n_shield > 0, "the shield must have acted on this hot workload"
+    assert peak_r < chip.dtm.critical_c
+    assert above_r <= above_l, f"time above DTM {above_r:.3f} s with random+shield vs {above_l:.3f} s for linux"
+
+
+def test_without_the_shield_random_actions_are_worse() -> None:
+    """The test above would be vacuous if random actions were harmless on their own."""
+    _, above_raw, _ = run(RandomActions(7), shield=False)
+    _, above_shielded, _ = run(RandomActions(7), shield=True)
+    assert above_raw > above_shielded
