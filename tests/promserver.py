@@ -66,7 +66,18 @@ class PrometheusServer:
             if got == want:
                 return result
             time.sleep(0.5)
-        pytest.fail(f"{promql}: wanted {want}, Prometheus has {got}\n{self.log.read_text()[-2000:]}")
+        pytest.fail(f"{promql}: wanted {want}, Prometheus has {got}; targets: {self.target_errors()}\n"
+                    f"{self.log.read_text()[-2000:]}")
+
+    def target_errors(self) -> list[str]:
+        """Each scrape target's health and last error, for failure messages."""
+        url = f"http://127.0.0.1:{self.port}/api/v1/targets"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                body = json.load(resp)
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+            return [f"targets API unreachable: {e}"]
+        return [f"{t['scrapeUrl']}: {t['health']} {t['lastError']}" for t in body["data"]["activeTargets"]]
 
     def stop(self) -> None:
         self.proc.terminate()

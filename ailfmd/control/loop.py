@@ -3,8 +3,8 @@
 The loop never stops protecting the machine because of its policy: an exception, a
 non-finite or out-of-range output, a schema mismatch or a decision that took longer than
 its budget makes this epoch use the fallback baseline instead, and the record says why.
-In ``observe`` mode, or while paused, everything is decided and reported but nothing is
-applied.
+In ``observe`` mode everything is decided and reported but nothing is applied. While
+paused the policy is not asked; only the shield acts (in ``enforce`` mode).
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ class ControlLoop:
     last: TickRecord | None = None
 
     def __post_init__(self) -> None:
+        self._shield_targets: frozenset[str] = frozenset()
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r}: must be one of {', '.join(MODES)}")
         self.reset()
@@ -108,17 +109,40 @@ class ControlLoop:
         decision = Decision(decision.action, decision.reasons + (note,), decision.info)
         return decision, self.fallback.name, fallback_reason, took
 
+    def _log_shield(self, reasons: tuple[Reason, ...]) -> None:
+        """Journal the shield when what it acts on changes; every step only at debug level
+        (a hot box would otherwise log dozens of lines a second)."""
+        targets = frozenset(r.target for r in reasons)
+        if targets != self._shield_targets:
+            if reasons:
+                hottest = max((r for r in reasons if r.value_c is not None), key=lambda r: r.value_c or 0.0, default=None)
+                log.info(
+                    "shield acting on %d target(s): %s%s",
+                    len(targets),
+                    ", ".join(sorted(targets)[:8]) + (" ..." if len(targets) > 8 else ""),
+                    f"; hottest {hottest.target} at {hottest.value_c:.1f} C: {hottest.detail}" if hottest else "",
+                )
+            else:
+                log.info("shield idle: every core below its guard band")
+            self._shield_targets = targets
+        for r in reasons:
+            log.debug("shield: %s %s: %s (%s)", r.kind, r.target, r.detail, r.predicted or "")
+
     def tick(self) -> TickRecord:
         """Run one epoch and report it to every sink."""
         t0 = self.perf_clock()
         obs = self.platform.observe()
         t1 = self.perf_clock()
-        decision, name, fallback_reason, inference_s = self._decide(obs)
+        if self.paused:
+            # Paused by an operator: the policy is suspended, the shield is not.
+            decision, name, fallback_reason, inference_s = Decision(Action()), "paused", None, None
+        else:
+            decision, name, fallback_reason, inference_s = self._decide(obs)
         t2 = self.perf_clock()
         decision, shield_reasons = self.shield.filter(obs, decision)
         t3 = self.perf_clock()
         applied = None
-        if self.mode == "enforce" and not self.paused:
+        if self.mode == "enforce":
             applied = self.platform.apply(decision.action)
             for o in applied.outcomes:
                 if not o.ok:
@@ -148,8 +172,7 @@ class ControlLoop:
         )
         if fallback_reason:
             log.warning("epoch %d: policy %s not used: %s", self.epoch, self.policy.name, fallback_reason)
-        for r in shield_reasons:
-            log.info("shield: %s %s: %s (%s)", r.kind, r.target, r.detail, r.predicted or "")
+        self._log_shield(shield_reasons)
         self.epoch += 1
         self.last = rec
         for sink in self.sinks:

@@ -150,3 +150,13 @@ def test_a_broken_sink_does_not_stop_the_loop(tree: Path, tmp_path: Path) -> Non
     loop.tick()
     loop.tick()
     assert [r.epoch for r in seen] == [0, 1]
+
+
+def test_paused_loop_ignores_the_policy_but_keeps_the_shield(tree: Path, tmp_path: Path) -> None:
+    loop = make_loop(tree, tmp_path, FixedCaps("greedy", 1_500_000))
+    loop.paused = True
+    rec = loop.tick()
+    assert rec.policy_name == "paused" and cap_of(tree, 0) == 3_700_000  # policy not applied
+    set_core_temp(tree, "Core 1", 84.0)
+    loop.tick()
+    assert cap_of(tree, 1) < 3_700_000  # the shield still acts
