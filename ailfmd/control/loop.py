@@ -23,6 +23,7 @@ from ailfmd.policy.base import Decision, Policy, Reason
 log = logging.getLogger("ailfmd.loop")
 
 Sink = Callable[[TickRecord], None]
+SHIELD_SUMMARY_S = 60.0  # how often a still-acting shield is summarised in the journal
 
 
 class PolicyOutputError(ValueError):
@@ -66,7 +67,9 @@ class ControlLoop:
     last: TickRecord | None = None
 
     def __post_init__(self) -> None:
-        self._shield_targets: frozenset[str] = frozenset()
+        self._shield_acting = False
+        self._shield_logged_s = 0.0
+        self._last_fallback: str | None = None
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r}: must be one of {', '.join(MODES)}")
         self.reset()
@@ -109,22 +112,26 @@ class ControlLoop:
         decision = Decision(decision.action, decision.reasons + (note,), decision.info)
         return decision, self.fallback.name, fallback_reason, took
 
-    def _log_shield(self, reasons: tuple[Reason, ...]) -> None:
-        """Journal the shield when what it acts on changes; every step only at debug level
-        (a hot box would otherwise log dozens of lines a second)."""
-        targets = frozenset(r.target for r in reasons)
-        if targets != self._shield_targets:
-            if reasons:
-                hottest = max((r for r in reasons if r.value_c is not None), key=lambda r: r.value_c or 0.0, default=None)
-                log.info(
-                    "shield acting on %d target(s): %s%s",
-                    len(targets),
-                    ", ".join(sorted(targets)[:8]) + (" ..." if len(targets) > 8 else ""),
-                    f"; hottest {hottest.target} at {hottest.value_c:.1f} C: {hottest.detail}" if hottest else "",
-                )
-            else:
-                log.info("shield idle: every core below its guard band")
-            self._shield_targets = targets
+    def _log_shield(self, reasons: tuple[Reason, ...], now_s: float) -> None:
+        """Journal the shield when it engages or goes idle, and a summary at most once a
+        minute while it acts; every step only at debug level (a hot box would otherwise
+        log dozens of lines a second)."""
+        acting = bool(reasons)
+        if acting and (not self._shield_acting or now_s - self._shield_logged_s >= SHIELD_SUMMARY_S):
+            caps = sum(1 for r in reasons if r.kind == "freq_cap")
+            moves = sum(1 for r in reasons if r.kind == "placement")
+            hottest = max((r for r in reasons if r.value_c is not None), key=lambda r: r.value_c or 0.0, default=None)
+            log.info(
+                "shield %s: %d cap(s), %d placement change(s)%s",
+                "engaged" if not self._shield_acting else "still acting",
+                caps,
+                moves,
+                f"; hottest {hottest.target} at {hottest.value_c:.1f} C: {hottest.detail}" if hottest else "",
+            )
+            self._shield_logged_s = now_s
+        elif not acting and self._shield_acting:
+            log.info("shield idle: every core below its guard band")
+        self._shield_acting = acting
         for r in reasons:
             log.debug("shield: %s %s: %s (%s)", r.kind, r.target, r.detail, r.predicted or "")
 
@@ -170,9 +177,15 @@ class ControlLoop:
             limit_c=limit,
             violations=violations,
         )
-        if fallback_reason:
-            log.warning("epoch %d: policy %s not used: %s", self.epoch, self.policy.name, fallback_reason)
-        self._log_shield(shield_reasons)
+        if fallback_reason != self._last_fallback:
+            # Once per change, not every epoch: a missing model would flood the journal.
+            if fallback_reason:
+                log.warning("policy %s not used from epoch %d on: %s; %s decides", self.policy.name, self.epoch,
+                            fallback_reason, self.fallback.name)
+            else:
+                log.info("policy %s decides again from epoch %d", self.policy.name, self.epoch)
+            self._last_fallback = fallback_reason
+        self._log_shield(shield_reasons, obs.time_s)
         self.epoch += 1
         self.last = rec
         for sink in self.sinks:
