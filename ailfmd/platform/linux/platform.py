@@ -9,6 +9,7 @@ the machine back.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -216,8 +217,6 @@ class LinuxPlatform:
         outcomes = [self._apply_cap(i, cap) for i, cap in self._caps_by_policy(action).items()]
         for ref, cpus in action.affinity.items():
             outcomes.append(self.threads.set_affinity(ref, cpus, self.journal))
-        if action.freq_cap_khz:
-            self._policies = None  # caps changed: re-read limits on the next observe
         return ApplyResult(tuple(outcomes))
 
     def _caps_by_policy(self, action: Action) -> dict[int, int]:
@@ -233,7 +232,10 @@ class LinuxPlatform:
         st = self._d.policies[pi]
         target = f"policy{st.paths.policy_id}"
         rel = f"{st.paths.dir_rel}/scaling_max_freq"
-        live = cpufreq.read_policy(self._hot, st)
+        # The cached state is at most `slow_every` epochs old and every write is read
+        # back, so re-reading the policy before each write would only cost syscalls.
+        cached = self._policies[pi] if self._policies is not None and pi < len(self._policies) else None
+        live = cached if cached is not None and cached.policy_id == st.paths.policy_id else cpufreq.read_policy(self._hot, st)
         if live.max_khz is None:
             return ApplyOutcome(target, f"{cap_khz} kHz", None, False, "scaling_max_freq unreadable")
         value, note = cpufreq.clamp_cap(st, live, cap_khz)
@@ -247,6 +249,10 @@ class LinuxPlatform:
         except (WriteRefused, AilfmError, OSError) as e:
             return ApplyOutcome(target, f"{cap_khz} kHz", None, False, str(e))
         ok = got == value
+        if self._policies is not None and pi < len(self._policies):
+            pols = list(self._policies)
+            pols[pi] = dataclasses.replace(live, max_khz=got)
+            self._policies = tuple(pols)
         detail = note if ok else f"kernel reports {got} kHz after writing {value}"
         return ApplyOutcome(target, f"{cap_khz} kHz", f"{got} kHz", ok, detail)
 

@@ -33,6 +33,10 @@ class _Tracked:
     sched_fd: int
     counters: ThreadCounters | None
     sched_prev: pfs.SchedStat | None = None
+    # Last known CPU set: re-read at every re-discovery and after we set it (only the
+    # application or an operator changes it otherwise, and that is seen within
+    # `discover_every` epochs).
+    affinity: frozenset[int] | None = None
 
     def close(self) -> None:
         for fd in (self.stat_fd, self.sched_fd):
@@ -102,6 +106,8 @@ class ThreadTracker:
         wanted = {r.tid: r for r in refs}
         for tid in [t for t, tr in self._tracked.items() if wanted.get(t) != tr.ref]:
             self._tracked.pop(tid).close()
+        for tr in self._tracked.values():
+            tr.affinity = None
         for tid, ref in wanted.items():
             if tid not in self._tracked:
                 try:
@@ -171,7 +177,9 @@ class ThreadTracker:
                 counters["wait_ns"] = float(ss.wait_ns - prev.wait_ns)
                 counters["timeslices"] = float(ss.timeslices - prev.timeslices)
             tr.sched_prev = ss
-        return ThreadSample(ref=ref, comm=st.comm, last_cpu=st.last_cpu, affinity=get_affinity(ref.tid), counters=counters)
+        if tr.affinity is None:
+            tr.affinity = get_affinity(ref.tid)
+        return ThreadSample(ref=ref, comm=st.comm, last_cpu=st.last_cpu, affinity=tr.affinity, counters=counters)
 
     # ------------------------------------------------------------------ actuation
     def set_affinity(self, ref: ThreadRef, cpus: frozenset[int], journal: Journal) -> ApplyOutcome:
@@ -179,13 +187,18 @@ class ThreadTracker:
         target = f"thread {ref.tid}"
         want = format_cpu_list(cpus)
         try:
+            tracked = self._tracked.get(ref.tid)
             current = get_affinity(ref.tid)
             if current == cpus:
                 return ApplyOutcome(target, want, want, True, "unchanged")
             # The mask journaled must be this thread's, not a successor's with the same tid.
-            found = pfs.read_start_ticks(self.procfs, ref.pid, ref.tid)
-            if found != ref.start_ticks:
-                raise ThreadReused(ref.tid, ref.start_ticks, found)
+            if tracked is not None and tracked.ref == ref:
+                # Its open stat descriptor answers ESRCH once this very thread is gone.
+                _pread_text(tracked.stat_fd, ref.tid)
+            else:
+                found = pfs.read_start_ticks(self.procfs, ref.pid, ref.tid)
+                if found != ref.start_ticks:
+                    raise ThreadReused(ref.tid, ref.start_ticks, found)
             journal.record(
                 {
                     "kind": "affinity",
@@ -195,13 +208,31 @@ class ThreadTracker:
                     "original": sorted(current),
                 }
             )
-            got = set_affinity(self.procfs, ref, cpus)
+            if tracked is not None and tracked.ref == ref:
+                got = self._set_tracked(tracked, cpus)
+            else:
+                got = set_affinity(self.procfs, ref, cpus)
         except (NoSuchThread, ThreadReused) as e:
             return ApplyOutcome(target, want, None, False, str(e))
         except WriteRefused as e:
             return ApplyOutcome(target, want, None, False, e.reason)
         ok = got == cpus
         return ApplyOutcome(target, want, format_cpu_list(got), ok, "" if ok else "kernel narrowed the set")
+
+    @staticmethod
+    def _set_tracked(tr: _Tracked, cpus: frozenset[int]) -> frozenset[int]:
+        """sched_setaffinity on a tracked thread, identity checked through its open stat
+        descriptor before and after (a tid reused in between is at least reported)."""
+        tid = tr.ref.tid
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except ProcessLookupError:
+            raise NoSuchThread(tid) from None
+        except OSError as e:
+            raise WriteRefused(f"thread {tid}", format_cpu_list(cpus), os.strerror(e.errno or 0)) from None
+        _pread_text(tr.stat_fd, tid)  # ESRCH: the thread we checked is gone
+        tr.affinity = get_affinity(tid)
+        return tr.affinity
 
     def close(self) -> None:
         for tr in self._tracked.values():

@@ -1,0 +1,134 @@
+"""Daemon cost: the whole control loop on a 64-CPU machine tree with 64 managed threads.
+
+    .venv/bin/python benchmarks/bench_daemon.py [--seconds 120] [--cpus 64] [--threads 64]
+
+Runs the real daemon (LinuxPlatform on a generated Xeon-like tree, stepwise policy,
+safety shield, metrics, control socket, history) at 10 Hz in enforce mode, managing the
+threads of a real child process. Prints the epoch duration (median, p99), the daemon's
+CPU use as a share of one core, and its RSS over the run. Targets: median epoch <= 2 ms,
+CPU <= 0.5 % of one core, RSS stable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "fixtures"))
+
+from machines import build_large  # noqa: E402
+
+from ailfmd.platform.linux.targets import TargetSelector  # noqa: E402
+from ailfmd.service.config import DaemonConfig  # noqa: E402
+from ailfmd.service.daemon import Daemon  # noqa: E402
+
+# Inference-like workers that mostly wait (on this 2-core machine busy ones would steal
+# the CPU the daemon is measured on).
+CHILD = """
+import threading, time, sys
+def work():
+    while True:
+        sum(range(5000)); time.sleep(0.05)
+for _ in range(int(sys.argv[1]) - 1):
+    threading.Thread(target=work, daemon=True).start()
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return -1
+
+
+def cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=120.0)
+    ap.add_argument("--cpus", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=64)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="ailfmd-bench", dir="/tmp"))
+    sysfs = build_large(tmp, n_cpus=args.cpus, packages=2)
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(args.threads)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+    try:
+        base = DaemonConfig()
+        cfg = dataclasses.replace(
+            base,
+            daemon=dataclasses.replace(base.daemon, mode="enforce", epoch_ms=100, run_dir=tmp / "run"),
+            platform=dataclasses.replace(base.platform, kind="linux", sysfs_root=sysfs),
+            targets=TargetSelector(pids=(child.pid,)),
+            policy=dataclasses.replace(base.policy, kind="baseline", baseline="stepwise", fallback="linux"),
+            metrics=dataclasses.replace(base.metrics, port=free_port()),
+            control=dataclasses.replace(base.control, socket=tmp / "c.sock"),
+        )
+        daemon = Daemon(cfg, env={})
+        daemon.start_services()
+        totals: list[float] = []
+        rss: list[int] = []
+        phases: dict[str, list[float]] = {}
+
+        def account(rec) -> None:  # type: ignore[no-untyped-def]
+            totals.append(rec.timings_s["total"])
+            for k, v in rec.timings_s.items():
+                phases.setdefault(k, []).append(v)
+
+        daemon.loop.sinks.append(account)
+        sampler_stop = threading.Event()
+
+        def sample_rss() -> None:
+            while not sampler_stop.wait(1.0):
+                rss.append(rss_kib())
+
+        epochs = int(args.seconds * 10)
+        warm = 50
+        daemon.loop.tick()
+        for _ in range(warm):
+            daemon.loop.tick()
+        totals.clear()
+        phases.clear()
+        threading.Thread(target=sample_rss, daemon=True).start()
+        c0, w0 = cpu_s(), time.monotonic()
+        daemon.run(max_epochs=warm + 1 + epochs)
+        c1, w1 = cpu_s(), time.monotonic()
+        sampler_stop.set()
+        s = sorted(totals)
+        threads = len(daemon.loop.last.observation.threads) if daemon.loop.last else 0
+        print(f"{args.cpus} CPUs, {threads} managed threads, {len(s)} epochs at 10 Hz over {w1 - w0:.0f} s")
+        print(f"epoch: median {statistics.median(s) * 1e3:.2f} ms, p99 {s[int(0.99 * len(s))] * 1e3:.2f} ms")
+        print("phases (median ms): " + ", ".join(f"{k} {statistics.median(v) * 1e3:.2f}" for k, v in phases.items()))
+        print(f"CPU: {100 * (c1 - c0) / (w1 - w0):.2f} % of one core")
+        if rss:
+            q = max(1, len(rss) // 4)
+            print(f"RSS: first quarter {statistics.mean(rss[:q]) / 1024:.1f} MiB, "
+                  f"last quarter {statistics.mean(rss[-q:]) / 1024:.1f} MiB, max {max(rss) / 1024:.1f} MiB")
+    finally:
+        child.kill()
+        child.wait()
+
+
+if __name__ == "__main__":
+    main()
