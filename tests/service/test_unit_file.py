@@ -235,3 +235,22 @@ def test_runtime_works_without_writable_executable_memory() -> None:
         pytest.skip("kernel has no PR_SET_MDWE (Linux < 6.3)")
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
 
+
+
+SYSUSERS = shutil.which("systemd-sysusers")
+
+
+@pytest.mark.skipif(SYSUSERS is None, reason="systemd-sysusers not installed")
+def test_sysusers_creates_the_account_the_unit_runs_as(tmp_path: Path) -> None:
+    """The unit's User=/Group= must exist on a fresh system: sysusers.d creates them."""
+    conf = ROOT / "packaging" / "sysusers.d" / "ailfmd.conf"
+    (tmp_path / "etc").mkdir()
+    res = subprocess.run([SYSUSERS, f"--root={tmp_path}", str(conf)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    passwd = (tmp_path / "etc" / "passwd").read_text()
+    group = (tmp_path / "etc" / "group").read_text()
+    unit = UNIT.read_text()
+    user = next(line.split("=", 1)[1].strip() for line in unit.splitlines() if line.startswith("User="))
+    grp = next(line.split("=", 1)[1].strip() for line in unit.splitlines() if line.startswith("Group="))
+    assert any(line.startswith(f"{user}:") and line.endswith("/usr/sbin/nologin") for line in passwd.splitlines())
+    assert any(line.startswith(f"{grp}:") for line in group.splitlines())
