@@ -1,21 +1,25 @@
 """Speed of the simulation engine: the default chip running a busy workload.
 
 Run: ``OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/bench_sim.py [--chip 3d-64]
-[--workload mixed] [--seconds 30] [--repeats 3]``
+[--workload mixed [decode-heavy ...]] [--seconds 30] [--repeats 3] [--ticks-ms 10 1]``
 
-For the default 10 ms tick and the 1 ms reference tick it prints simulated seconds per
-wall-clock second and wall milliseconds per simulated second, best of ``--repeats`` runs
-(the machine may be shared with other work; the best run is the least disturbed), for:
+For each workload and tick (default: the 10 ms tick and the 1 ms reference tick) it
+prints simulated seconds per wall-clock second and wall milliseconds per simulated second,
+best of ``--repeats`` runs (the machine may be shared with other work; the best run is the
+least disturbed), for:
 
-- ``loop``: the offline control loop (``ailfm sim``): the ``linux`` baseline observes,
-  decides and applies every 100 ms epoch; under it the stacked chip lives on hardware
-  DTM, so most ticks are resolved in 1 ms DTM sub-steps;
+- ``loop (linux)``: the offline control loop (``ailfm sim``): the ``linux`` baseline
+  observes, decides and applies every 100 ms epoch; under it the stacked chip lives on
+  hardware DTM, so most ticks are resolved in 1 ms DTM sub-steps;
 - ``engine``: ``Engine.advance`` alone, same scenario;
-- ``engine, safe caps``: every core capped to the lowest level, so DTM never acts (what a
-  thermally safe policy costs to simulate).
+- ``engine, reference``: the same with ``reference=True`` (no steady-segment path, the
+  plain sub-step loop): what the fast paths gain;
+- ``engine, 1 GHz caps``: every core capped to the lowest level (1 GHz on ``3d-64``), so
+  DTM never acts (what a thermally safe policy costs to simulate).
 
-It also prints the share of ticks that needed DTM sub-steps. Small matrix-vector products
-run best on one BLAS thread, hence ``OPENBLAS_NUM_THREADS=1`` (set here if unset).
+It also prints the share of ticks resolved in DTM sub-steps and of ticks taken by the
+steady-segment path. Small matrix-vector products run best on one BLAS thread, hence
+``OPENBLAS_NUM_THREADS=1`` (set here if unset).
 """
 
 from __future__ import annotations
@@ -30,9 +34,9 @@ from typing import Callable  # noqa: E402
 
 from ailfmd.lab.run import Scenario, run_scenario  # noqa: E402
 from ailfmd.policy.baselines import get_baseline  # noqa: E402
-from ailfmd.sim.chip import DEFAULT_CHIP, load_chip  # noqa: E402
+from ailfmd.sim.chip import DEFAULT_CHIP, Chip, load_chip  # noqa: E402
 from ailfmd.sim.engine import Engine  # noqa: E402
-from ailfmd.sim.workload import load_workload  # noqa: E402
+from ailfmd.sim.workload import Workload, load_workload  # noqa: E402
 
 
 def best_wall_s(run: Callable[[], object], repeats: int) -> float:
@@ -44,46 +48,53 @@ def best_wall_s(run: Callable[[], object], repeats: int) -> float:
     return best
 
 
+def bench(chip: Chip, workload: Workload, seed: int, secs: float, tick_s: float, repeats: int) -> None:
+    scenario = Scenario(chip, workload, seed, secs, tick_s=tick_s)
+    engines: list[Engine] = []
+
+    def engine_run(capped: bool = False, reference: bool = False) -> None:
+        eng = Engine(chip, workload, seed, secs, tick_s=tick_s, reference=reference)
+        if capped:
+            for cpu in range(chip.n_cores):
+                eng.set_cap_khz(cpu, chip.vf.min_mhz * 1000)
+        eng.advance(secs)
+        engines.append(eng)
+
+    cases = [
+        ("loop (linux)", lambda: run_scenario(scenario, get_baseline("linux"))),
+        ("engine", lambda: engine_run()),
+        ("engine, reference", lambda: engine_run(reference=True)),
+        (f"engine, {chip.vf.min_mhz / 1000:g} GHz caps", lambda: engine_run(capped=True)),
+    ]
+    for name, run in cases:
+        engines.clear()
+        wall = best_wall_s(run, repeats)
+        shares = ""
+        if engines:
+            st = engines[-1].state
+            ticks = max(st.tick_no, 1)
+            shares = f"{100.0 * st.substep_ticks / ticks:>10.0f} % {100.0 * st.steady_ticks / ticks:>8.0f} %"
+        print(f"{workload.name:<14} {tick_s * 1e3:>4g} ms  {name:<22} {secs / wall:>9.1f} "
+              f"{wall / secs * 1e3:>10.2f}  {shares}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chip", default=DEFAULT_CHIP)
-    parser.add_argument("--workload", default="mixed")
+    parser.add_argument("--workload", nargs="+", default=["mixed"])
     parser.add_argument("--seconds", type=float, default=30.0, help="simulated seconds per run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ticks-ms", type=float, nargs="+", default=[10.0, 1.0])
     args = parser.parse_args()
-    chip, workload = load_chip(args.chip), load_workload(args.workload)
-    secs = args.seconds
-
-    print(f"chip {chip.name}, workload {workload.name}, seed {args.seed}, {secs:g} simulated s, "
-          f"best of {args.repeats}")
-    print(f"{'tick':>6}  {'what':<20} {'sim-s per wall-s':>16} {'wall ms per sim-s':>18}  sub-stepped ticks")
-    for tick_s in (0.01, 0.001):
-        scenario = Scenario(chip, workload, args.seed, secs, tick_s=tick_s)
-        engines: list[Engine] = []
-
-        def engine_run(capped: bool) -> None:
-            eng = Engine(chip, workload, args.seed, secs, tick_s=tick_s)
-            if capped:
-                for cpu in range(chip.n_cores):
-                    eng.set_cap_khz(cpu, chip.vf.min_mhz * 1000)
-            eng.advance(secs)
-            engines.append(eng)
-
-        cases = [
-            ("loop (linux)", lambda: run_scenario(scenario, get_baseline("linux"))),
-            ("engine", lambda: engine_run(False)),
-            ("engine, safe caps", lambda: engine_run(True)),
-        ]
-        for name, run in cases:
-            engines.clear()
-            wall = best_wall_s(run, args.repeats)
-            share = ""
-            if engines:
-                eng = engines[-1]
-                share = f"{100.0 * eng.state.substep_ticks / max(eng.state.tick_no, 1):.0f} %"
-            print(f"{tick_s * 1e3:>4g} ms  {name:<20} {secs / wall:>16.1f} "
-                  f"{wall / secs * 1e3:>18.2f}  {share}")
+    chip = load_chip(args.chip)
+    print(f"chip {chip.name}, seed {args.seed}, {args.seconds:g} simulated s, best of {args.repeats}")
+    print(f"{'workload':<14} {'tick':>7}  {'what':<22} {'sim-s/s':>9} {'ms/sim-s':>10}  "
+          f"{'sub-stepped':>12} {'steady':>10}")
+    for name in args.workload:
+        workload = load_workload(name)
+        for tick_ms in args.ticks_ms:
+            bench(chip, workload, args.seed, args.seconds, tick_ms * 1e-3, args.repeats)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from ailfmd.sim.workload import Workload
 DEFAULT_EPOCH_S = 0.1
 
 EpochHook = Callable[[Observation, Decision, ApplyResult], None]
+# Builds a policy that needs the platform it controls (the oracle looks ahead on it).
+PolicyFactory = Callable[[SimPlatform], Policy]
 
 
 @dataclass(frozen=True)
@@ -48,10 +50,17 @@ class RunResult:
     refused_actions: int  # apply outcomes that were not ok
 
 
-def run_scenario(scenario: Scenario, policy: Policy, on_epoch: EpochHook | None = None) -> RunResult:
-    """Simulate ``scenario`` under ``policy``; ``on_epoch`` sees every epoch (recorders)."""
+def run_scenario(scenario: Scenario, policy: Policy | PolicyFactory,
+                 on_epoch: EpochHook | None = None) -> RunResult:
+    """Simulate ``scenario`` under ``policy``; ``on_epoch`` sees every epoch (recorders).
+
+    ``policy`` is a Policy, or a factory called with the run's SimPlatform for policies
+    that need it (the oracle).
+    """
     sc = scenario
     platform = SimPlatform(sc.chip, sc.workload, sc.seed, tick_s=sc.tick_s, duration_s=sc.duration_s)
+    if not isinstance(policy, Policy):
+        policy = policy(platform)
     # Whole ticks only: the epoch is rounded to ticks, the last epoch may be shorter.
     epoch_ticks = max(1, round(sc.epoch_s / sc.tick_s))
     total_ticks = max(1, round(sc.duration_s / sc.tick_s))

@@ -88,51 +88,7 @@ class Dtm:
         core already sits at the lowest level, so its relay changes nothing.
         """
         flips = np.where(throttled, end_c < self.release_c, end_c >= self.threshold_c)
-        if (flips & matters).any():
+        if np.count_nonzero(flips & matters):
             return True
-        return bool((start_c.max() >= self.threshold_c) != (end_c.max() >= self.threshold_c))
-
-
-class DtmStepper:
-    """Steps the thermal model in DTM sub-steps with every core's relay live.
-
-    Uses the modal form of ``ThermalModel``'s exact step for one sub-step size, with
-    the core read-out taken once from the model's public ``from_modes``; temperatures
-    inside the loop are rises over ambient, compared with thresholds shifted alike.
-    """
-
-    def __init__(self, dtm: Dtm, thermal, n_cores: int, h_s: float) -> None:
-        prop = thermal.propagator(h_s)
-        self.h_s = h_s
-        self.decay = prop.decay
-        self.modal_input = prop.modal_input
-        eye = np.eye(thermal.n_nodes)
-        self.readout = np.ascontiguousarray((thermal.from_modes(eye) - thermal.ambient_c)[:n_cores])
-        self.ambient_c = thermal.ambient_c
-        self.threshold_rise = dtm.threshold_c - thermal.ambient_c
-        self.release_rise = dtm.release_c - thermal.ambient_c
-
-    def run(self, modes: np.ndarray, throttled: np.ndarray, p_free_w: np.ndarray,
-            p_throttled_w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Sub-steps with per-core power ``p_free_w`` or ``p_throttled_w`` (sub-steps x cores),
-        as each relay says. Returns the final modal state, core temperatures after each
-        sub-step, and relay states (row 0: at the start, row j + 1: after sub-step j)."""
-        n_sub, n = p_free_w.shape
-        rises = np.empty((n_sub, n))
-        states = np.empty((n_sub + 1, n), dtype=bool)
-        states[0] = throttled
-        decay, mi, readout = self.decay, self.modal_input, self.readout
-        hot, cool = self.threshold_rise, self.release_rise
-        limit = np.where(throttled, cool, hot)  # the relay compares with this next
-        q = np.empty(mi.shape[0])
-        # Hot loop: results written in place, ufuncs bound to locals.
-        dot, where, ge = np.dot, np.where, np.greater_equal
-        for j in range(n_sub):
-            dot(mi, where(throttled, p_throttled_w[j], p_free_w[j]), out=q)
-            modes = decay * modes
-            modes += q
-            dot(readout, modes, out=rises[j])
-            throttled = states[j + 1]
-            ge(rises[j], limit, out=throttled)
-            limit = where(throttled, cool, hot)
-        return modes, rises + self.ambient_c, states
+        hot_before = np.maximum.reduce(start_c) >= self.threshold_c
+        return bool(hot_before != (np.maximum.reduce(end_c) >= self.threshold_c))

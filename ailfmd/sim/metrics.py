@@ -77,16 +77,16 @@ class MetricsAccumulator:
                      throttle_events: int, freq_mhz: np.ndarray, busy: np.ndarray,
                      ticks: int = 1) -> None:
         """``ticks`` ticks lasting ``dt_s`` in all: energy, time above DTM, hottest core,
-        throttle events, and each core's clock and whether it had work."""
+        throttle events, and each core's clock and whether it had work (bool, or 0/1)."""
         self.ticks += ticks
         self.energy_j += energy_j
         self.above_dtm_s += above_s
         if peak_c > self.peak_c:
             self.peak_c = float(peak_c)
-        self.freq_mhz_s += float(freq_mhz.sum()) * dt_s
+        self.freq_mhz_s += float(np.add.reduce(freq_mhz)) * dt_s
         n_busy = int(np.count_nonzero(busy))
         if n_busy:
-            self.busy_freq_mhz_s += float(freq_mhz @ busy) * dt_s
+            self.busy_freq_mhz_s += float(np.dot(freq_mhz, busy)) * dt_s
             self.busy_core_s += n_busy * dt_s
         self.throttle_events += throttle_events
 

@@ -183,33 +183,61 @@ class PerfModel:
             dram_utilisation=rho,
         )
 
+    def loaded_dram_latency_ns(self, kernel_per_core: np.ndarray, freq_ghz_per_core: np.ndarray,
+                        dram_mpki_per_core: np.ndarray) -> float:
+        """The loaded DRAM latency of :meth:`rates` (warm caches), and nothing else.
+
+        The same arithmetic on the cores that reach DRAM only, so the result equals
+        ``rates(kernel, freq, None, mpki).dram_latency_ns`` exactly, at a fraction of the
+        cost (a simulator needs it every tick).
+        """
+        t = self.kernels
+        k = kernel_per_core
+        f = freq_ghz_per_core
+        mpki = dram_mpki_per_core
+        idx = (t.executes[k] & (f * (mpki * 1e-3 * t.bytes_per_miss[k]) > 0)).nonzero()[0]
+        if not idx.size:
+            return self.dram_latency_ns
+        k, f, mpki = k[idx], f[idx], mpki[idx]
+        inv_mlp = 1.0 / t.mlp[k]
+        apki = self._llc_hit_apki[k] + mpki
+        a = t.base_cpi[k] + apki * 1e-3 * self.llc_latency_ns[idx] * f * inv_mlp
+        b = mpki * 1e-3 * f * inv_mlp
+        c = f * (mpki * 1e-3 * t.bytes_per_miss[k])
+        return self._solve_queue(a, b, c)[0]
+
     def _loaded_latency(self, a: np.ndarray, b: np.ndarray, c: np.ndarray) -> tuple[float, float]:
         """Solve ``rho = sum(c / (a + b*L(rho))) / BW`` for ``rho`` in [0, 1)."""
-        l0, s, bw = self.dram_latency_ns, self.queue_service_ns, self.dram_bandwidth_gbps
         active = c > 0
         if not active.any():
-            return l0, 0.0
-        a, b, c = a[active], b[active], c[active]
+            return self.dram_latency_ns, 0.0
+        return self._solve_queue(a[active], b[active], c[active])
+
+    def _solve_queue(self, a: np.ndarray, b: np.ndarray, c: np.ndarray) -> tuple[float, float]:
+        """The fixed point over cores that all reach DRAM (``c > 0``): latency and rho."""
+        l0, s, bw = self.dram_latency_ns, self.queue_service_ns, self.dram_bandwidth_gbps
+        cb = c * b
+        dot = np.dot
         lo, hi = 0.0, 1.0
-        rho = min(float(np.dot(c, 1.0 / (a + b * l0))) / bw, 0.5)
+        rho = min(float(dot(c, 1.0 / (a + b * l0))) / bw, 0.5)
         for _ in range(_NEWTON_MAX_ITER):
             gap = 1.0 - rho
             latency = l0 + s * rho / (2.0 * gap)
             inv = 1.0 / (a + b * latency)
-            h = float(np.dot(c, inv)) / bw - rho  # decreasing in rho
+            h = float(dot(c, inv)) / bw - rho  # decreasing in rho
             if h > 0:
                 lo = rho
             else:
                 hi = rho
             if abs(h) < _RHO_TOL or hi - lo < _RHO_TOL:
                 break
-            d_demand_d_latency = -float(np.dot(c * b, inv * inv))
+            d_demand_d_latency = -float(dot(cb, inv * inv))
             dh = d_demand_d_latency * s / (2.0 * gap * gap) / bw - 1.0
             step = rho - h / dh
             rho = step if lo < step < hi else 0.5 * (lo + hi)
         gap = 1.0 - rho
         latency = l0 + s * rho / (2.0 * gap)
-        demand = float(np.dot(c, 1.0 / (a + b * latency)))
+        demand = float(dot(c, 1.0 / (a + b * latency)))
         return latency, demand / bw
 
     # ------------------------------------------------------------------ migration
