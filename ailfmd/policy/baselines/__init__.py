@@ -2,6 +2,9 @@
 
 ``get_baseline(name)`` builds a fresh instance; ``baseline_names()`` lists the names.
 The registry is a mapping from names to classes, kept apart from the implementations.
+Baselines that use a chip model (``tsp``, ``pcgov``) have ``configure(chip)``; a harness
+that knows the simulated chip calls it (see docs/baselines.md), otherwise they run their
+documented model-free fallback.
 """
 
 from __future__ import annotations
@@ -10,12 +13,20 @@ from typing import Callable
 
 from ailfmd.errors import AilfmError
 from ailfmd.policy.base import Policy
+from ailfmd.policy.baselines.hotpotato import HotPotatoBaseline
 from ailfmd.policy.baselines.linux import LinuxBaseline
+from ailfmd.policy.baselines.pcgov import PcgovBaseline
 from ailfmd.policy.baselines.stepwise import StepwiseBaseline
+from ailfmd.policy.baselines.thermald import ThermaldBaseline
+from ailfmd.policy.baselines.tsp import TspBaseline
 
 _FACTORIES: dict[str, Callable[[], Policy]] = {
+    "hotpotato": HotPotatoBaseline,
     "linux": LinuxBaseline,
+    "pcgov": PcgovBaseline,
     "stepwise": StepwiseBaseline,
+    "thermald": ThermaldBaseline,
+    "tsp": TspBaseline,
 }
 
 
