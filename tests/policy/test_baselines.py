@@ -357,3 +357,28 @@ def test_every_new_baseline_is_deterministic_and_copes_with_missing_data(name, t
     policy = get_baseline(name)  # no reset, no threads, no temperatures
     d = policy.decide(obs({0: None, 1: None}))
     assert not d.action.affinity
+
+
+# --------------------------------------------------------------------------- stepwise
+
+
+def test_stepwise_follows_the_kernel_step_wise_law():
+    """drivers/thermal/gov_step_wise.c: above trip and rising -> one more step; above trip
+    and falling -> one step less but never none; below trip and falling -> one step less;
+    otherwise hold. Trip = sensor max - 3 C here (max 80 C)."""
+    p = get_baseline("stepwise")
+    p.reset(topology(load_chip("tiny")), caps())
+
+    def state(temp_c: float, t: float) -> int:
+        d = p.decide(obs({0: temp_c}, t=t, max_c=80.0))
+        return steps_below_max(d.action.freq_cap_khz[0])
+
+    assert state(70.0, 0.0) == 0  # below trip: no cooling
+    assert state(78.0, 0.1) == 1  # above trip (77) and rising
+    assert state(79.0, 0.2) == 2
+    assert state(79.0, 0.3) == 2  # steady above trip: hold
+    assert state(78.5, 0.4) == 1  # above trip, falling: one step less...
+    assert state(78.0, 0.5) == 1  # ...but never back to none while above trip
+    assert state(76.0, 0.6) == 0  # below trip and falling: released
+    assert state(75.0, 0.7) == 0
+    assert state(76.5, 0.8) == 0  # rising but below trip: nothing

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from ailfmd.platform.base import Action, Capabilities, Observation, Topology
 from ailfmd.policy.base import Decision, Reason
+from ailfmd.policy.baselines.common import ladders_khz, sensor_label, sensor_max_c, trip_c
 
 
 class StepwiseBaseline:
@@ -38,30 +39,18 @@ class StepwiseBaseline:
         self._state = {c: s for c, s in self._state.items() if c in topology.cpus}
         self._last_c = {c: t for c, t in self._last_c.items() if c in topology.cpus}
 
-    def _ladder(self, obs: Observation, cpu: int, tables: dict[int, list[int]]) -> list[int]:
-        """Frequencies from the top (state 0) down to the lowest, in kHz."""
-        if cpu in tables:
-            return tables[cpu]
-        st = obs.cpus[cpu]
-        lo, hi = st.hw_min_khz, st.hw_max_khz
-        if lo is None or hi is None:
-            return []
-        return [int(hi - (hi - lo) * k / self.n_steps) for k in range(self.n_steps + 1)]
-
     def decide(self, obs: Observation) -> Decision:
         caps: dict[int, int] = {}
         reasons: list[Reason] = []
-        max_c = {(r.sensor.chip, r.sensor.sensor): r.max_c for r in obs.sensors if r.max_c is not None}
-        tables = {c: sorted(p.available_khz, reverse=True) for p in obs.policies if p.available_khz for c in p.cpus}
+        maxima = sensor_max_c(obs)
+        ladders = ladders_khz(obs, self.n_steps)
         for cpu, st in obs.cpus.items():
             t = st.temp.temp_c
-            ladder = self._ladder(obs, cpu, tables)
+            ladder = ladders.get(cpu)
             if t is None or not ladder:
                 continue
             top = len(ladder) - 1
-            src = st.temp.source
-            sensor_max = max_c.get((src.chip, src.sensor)) if src is not None else None
-            trip = self.trip_c if sensor_max is None else sensor_max - self.trip_below_max_c
+            trip = trip_c(st, maxima, self.trip_c, self.trip_below_max_c)
             last = self._last_c.get(cpu, t)
             self._last_c[cpu] = t
             rising, dropping = t > last, t < last
@@ -77,7 +66,7 @@ class StepwiseBaseline:
             self._state[cpu] = new
             caps[cpu] = ladder[new]
             if new != cur:
-                sensor = f"{st.temp.source.chip}/{st.temp.source.sensor}" if st.temp.source else None
+                sensor = sensor_label(st)
                 trend = "rising" if rising else "falling" if dropping else "steady"
                 reasons.append(
                     Reason(f"cpu {cpu}", "freq_cap", "policy:stepwise",
