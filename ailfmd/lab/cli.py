@@ -104,6 +104,76 @@ def render_metrics(head: dict[str, object], m: RunMetrics, dtm_threshold_c: floa
     return "".join(f"{k:<{width}}  {v}\n" for k, v in rows)
 
 
+# --------------------------------------------------------------------------- bench
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    items = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not items:
+        raise argparse.ArgumentTypeError(f"{text!r}: empty list")
+    return items
+
+
+def _int_csv(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in _csv(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from ailfmd.lab.run import DEFAULT_EPOCH_S
+
+    b = sub.add_parser("bench", help="run chips x workloads x policies x seeds; write tables and plots",
+                       description="Run every combination of chips, workloads, policies and seeds "
+                                   "in parallel worker processes and write results.csv, "
+                                   "results.json, traces.json, table.md and PNG plots (with "
+                                   "matplotlib) into the output folder.")
+    b.add_argument("--chips", type=_csv, help="comma-separated chip names or TOML files")
+    b.add_argument("--workloads", type=_csv, help="comma-separated workload names or TOML files")
+    b.add_argument("--policies", type=_csv,
+                   help="comma-separated policies (baselines and 'oracle'; default all)")
+    b.add_argument("--seeds", type=_int_csv, help="comma-separated seeds (default 0)")
+    b.add_argument("--duration", type=_positive_float, metavar="S", help="simulated seconds per run")
+    b.add_argument("--epoch-ms", type=_positive_float, default=DEFAULT_EPOCH_S * 1e3,
+                   help="control period of the policies (default %(default)g ms)")
+    b.add_argument("--tick-ms", type=_positive_float, default=DEFAULT_TICK_S * 1e3,
+                   help="simulation tick (default %(default)g ms)")
+    b.add_argument("--out", default="bench-results", help="output folder (default %(default)s)")
+    b.add_argument("--jobs", type=int, default=0, help="worker processes (default: one per CPU)")
+    b.add_argument("--quick", action="store_true",
+                   help="small CI configuration: tiny chip, tiny-test workload, 2 s, seed 0, "
+                        "every policy (explicit options still override)")
+    b.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ailfmd.lab import bench
+
+    quick = bench.QUICK if args.quick else {}
+    chips = args.chips or quick.get("chips")
+    workloads = args.workloads or quick.get("workloads")
+    duration = args.duration or quick.get("duration_s")
+    missing = [opt for opt, v in (("--chips", chips), ("--workloads", workloads), ("--duration", duration))
+               if not v]
+    if missing:
+        raise bench.BenchError(f"bench needs {', '.join(missing)} (or --quick)")
+    config = bench.BenchConfig(
+        chips=tuple(chips), workloads=tuple(workloads),
+        policies=args.policies or bench.known_policies(),
+        seeds=args.seeds or quick.get("seeds", (0,)), duration_s=duration,
+        epoch_s=args.epoch_ms / 1e3, tick_s=args.tick_ms / 1e3, jobs=max(0, args.jobs))
+    rows, traces = bench.run_bench(config)
+    out = Path(args.out)
+    for note in bench.write_results(rows, traces, out):
+        print(f"ailfm bench: {note}", file=sys.stderr)
+    sys.stdout.write(bench.render_table(rows))
+    print(f"ailfm bench: {len(rows)} runs written to {out}/", file=sys.stderr)
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -111,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ailfm", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     _add_sim(sub)
+    _add_bench(sub)
     return p
 
 

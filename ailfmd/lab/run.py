@@ -12,6 +12,7 @@ from typing import Callable
 
 from ailfmd.platform.base import ApplyResult, Observation
 from ailfmd.policy.base import Decision, Policy
+from ailfmd.policy.baselines import configure_for_chip
 from ailfmd.sim.chip import Chip
 from ailfmd.sim.engine import DEFAULT_TICK_S
 from ailfmd.sim.metrics import RunMetrics
@@ -61,6 +62,7 @@ def run_scenario(scenario: Scenario, policy: Policy | PolicyFactory,
     platform = SimPlatform(sc.chip, sc.workload, sc.seed, tick_s=sc.tick_s, duration_s=sc.duration_s)
     if not isinstance(policy, Policy):
         policy = policy(platform)
+    configure_for_chip(policy, sc.chip)
     # Whole ticks only: the epoch is rounded to ticks, the last epoch may be shorter.
     epoch_ticks = max(1, round(sc.epoch_s / sc.tick_s))
     total_ticks = max(1, round(sc.duration_s / sc.tick_s))

@@ -39,6 +39,7 @@ from ailfmd.service.control import CommandError, ControlServer, Peer, group_gid
 from ailfmd.service.hotplug import HotplugWatcher
 from ailfmd.service.metrics import DaemonMetrics
 from ailfmd.service.notify import Notifier
+from ailfmd.policy.baselines import configure_for_chip
 from ailfmd.service.policies import LoadedPolicy, load_policy
 
 log = logging.getLogger("ailfmd")
@@ -90,7 +91,7 @@ class Daemon:
         for o in restored.outcomes:
             if o.detail != "unchanged":
                 log.info("restored %s -> %s (%s)", o.target, o.applied, o.detail or "ok")
-        self.policy: LoadedPolicy = load_policy(cfg.policy)
+        self.policy: LoadedPolicy = self._load_policy(cfg)
         self.history = st.History()
         self.loop = ControlLoop(
             self.platform,
@@ -109,6 +110,14 @@ class Daemon:
         self.metrics_address: tuple[str, int] | None = None
         self.control: ControlServer | None = None
         self.hotplug: HotplugWatcher | None = None
+
+    def _load_policy(self, cfg: DaemonConfig) -> LoadedPolicy:
+        loaded = load_policy(cfg.policy)
+        chip = getattr(self.platform, "chip", None)  # the simulated chip's model, if any
+        if chip is not None:
+            for p in (loaded.policy, loaded.fallback):
+                configure_for_chip(p, chip)
+        return loaded
 
     # ------------------------------------------------------------------ set-up
     def start_services(self) -> None:
@@ -206,7 +215,7 @@ class Daemon:
         self.notifier.reloading("reloading configuration")
         try:
             new = load_config(path)
-            policy = load_policy(new.policy)
+            policy = self._load_policy(new)
         except (ConfigError, AilfmError, OSError) as e:
             log.error("reload refused, keeping the running configuration: %s", e)
             self.notifier.ready(f"reload refused: {e}")

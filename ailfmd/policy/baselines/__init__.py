@@ -9,7 +9,7 @@ documented model-free fallback.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ailfmd.errors import AilfmError
 from ailfmd.policy.base import Policy
@@ -19,6 +19,9 @@ from ailfmd.policy.baselines.pcgov import PcgovBaseline
 from ailfmd.policy.baselines.stepwise import StepwiseBaseline
 from ailfmd.policy.baselines.thermald import ThermaldBaseline
 from ailfmd.policy.baselines.tsp import TspBaseline
+
+if TYPE_CHECKING:
+    from ailfmd.sim.chip import Chip
 
 _FACTORIES: dict[str, Callable[[], Policy]] = {
     "hotpotato": HotPotatoBaseline,
@@ -43,10 +46,20 @@ def baseline_names() -> tuple[str, ...]:
     return tuple(sorted(_FACTORIES))
 
 
-def get_baseline(name: str) -> Policy:
-    """A new instance of the baseline called ``name``."""
+def get_baseline(name: str, chip: Chip | None = None) -> Policy:
+    """A new instance of the baseline called ``name``, given the chip model when known."""
     try:
         factory = _FACTORIES[name]
     except KeyError:
         raise UnknownPolicy(name) from None
-    return factory()
+    policy = factory()
+    if chip is not None:
+        configure_for_chip(policy, chip)
+    return policy
+
+
+def configure_for_chip(policy: object, chip: Chip) -> None:
+    """Give a policy that uses a chip model (``configure(chip)``) the simulated chip."""
+    configure = getattr(policy, "configure", None)
+    if callable(configure):
+        configure(chip)
