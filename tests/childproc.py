@@ -3,10 +3,33 @@
 from __future__ import annotations
 
 import select
+import textwrap
 import subprocess
 import sys
 from contextlib import contextmanager
 from typing import Iterator
+
+# argv[1]: comm to set ("" keeps the one exec gave). Three extra threads sleep until
+# stdin closes; prints every tid of the process, main first.
+THREADS_CHILD = textwrap.dedent(
+    """
+    import sys, threading
+    if sys.argv[1]:
+        with open("/proc/self/comm", "w") as f:
+            f.write(sys.argv[1])
+    stop = threading.Event()
+    tids = []
+    ready = threading.Barrier(4)
+    def work():
+        tids.append(threading.get_native_id()); ready.wait(); stop.wait()
+    for _ in range(3):
+        threading.Thread(target=work, daemon=True).start()
+    ready.wait()
+    print(threading.get_native_id(), *tids, flush=True)
+    sys.stdin.read()
+    stop.set()
+    """
+)
 
 
 def start_child(script: str, *args: str, timeout_s: float = 20.0) -> tuple[subprocess.Popen[str], list[str]]:

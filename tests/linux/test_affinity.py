@@ -6,12 +6,11 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from childproc import child_process
+from childproc import THREADS_CHILD, child_process
 
 from ailfmd.errors import NoSuchThread, ThreadReused, WriteRefused
 from ailfmd.platform.base import ThreadRef
@@ -20,24 +19,6 @@ from ailfmd.platform.linux.procfs import read_start_ticks
 from ailfmd.platform.linux.sysfs import Root, parse_cpu_list
 
 PROC = Root("/proc")
-
-_CHILD = textwrap.dedent(
-    """
-    import sys, threading
-    stop = threading.Event()
-    tids = []
-    ready = threading.Barrier(4)
-    def work():
-        tids.append(threading.get_native_id()); ready.wait(); stop.wait()
-    for _ in range(3):
-        threading.Thread(target=work, daemon=True).start()
-    ready.wait()
-    print(threading.get_native_id(), *tids, flush=True)
-    sys.stdin.read()
-    stop.set()
-    """
-)
-
 
 @dataclass
 class Child:
@@ -51,7 +32,7 @@ class Child:
 
 @pytest.fixture
 def child():
-    with child_process(_CHILD) as (proc, words):
+    with child_process(THREADS_CHILD, "") as (proc, words):
         tids = tuple(int(x) for x in words)
         assert len(tids) == 4
         yield Child(proc, proc.pid, tids)

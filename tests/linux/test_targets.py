@@ -7,11 +7,11 @@ import re
 import secrets
 import subprocess
 import sys
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from childproc import THREADS_CHILD as _CHILD
 from childproc import start_child, start_child_with, stop_child
 
 from ailfmd.errors import ConfigError, NoSuchThread, SysfsError
@@ -26,29 +26,6 @@ from ailfmd.platform.linux.targets import (
 )
 
 PROC = Root("/proc")
-
-# argv[1]: comm to set ("" keeps the one exec gave). Three extra threads sleep until
-# stdin closes; prints every tid of the process, main first.
-_CHILD = textwrap.dedent(
-    """
-    import sys, threading
-    if sys.argv[1]:
-        with open("/proc/self/comm", "w") as f:
-            f.write(sys.argv[1])
-    stop = threading.Event()
-    tids = []
-    ready = threading.Barrier(4)
-    def work():
-        tids.append(threading.get_native_id()); ready.wait(); stop.wait()
-    for _ in range(3):
-        threading.Thread(target=work, daemon=True).start()
-    ready.wait()
-    print(threading.get_native_id(), *tids, flush=True)
-    sys.stdin.read()
-    stop.set()
-    """
-)
-
 
 @dataclass
 class Child:

@@ -49,7 +49,7 @@ from ailfmd.policy.baselines.common import (
     mpki,
     pin_changes,
 )
-from ailfmd.policy.baselines.tsp import KHZ_PER_MHZ, ChipModel
+from ailfmd.policy.baselines.tsp import KHZ_PER_MHZ, ChipModel, UsesChipModel
 
 if TYPE_CHECKING:
     from ailfmd.sim.chip import Chip
@@ -60,7 +60,7 @@ MEMORY, COMPUTE = "memory-bound", "compute-bound"
 DEFAULT_HOP_H_CYCLES, DEFAULT_HOP_V_CYCLES, DEFAULT_BANK_CYCLES = 6.0, 3.0, 8.0
 
 
-class PcgovBaseline:
+class PcgovBaseline(UsesChipModel):
     name = "pcgov"
 
     def __init__(self, chip: Chip | None = None, mpki_threshold: float = 10.0,
@@ -80,24 +80,6 @@ class PcgovBaseline:
         self._layer: dict[int, int] = {}
         self._class: dict[int, str] = {}  # tid -> class
         self._placed: dict[int, int] = {}  # tid -> cpu
-
-    def configure(self, chip: Chip) -> "PcgovBaseline":
-        """Give the policy the chip it runs on (thermal, power and NoC models); returns self."""
-        self.chip = chip
-        self._model = None
-        return self
-
-    @property
-    def model(self) -> ChipModel | None:
-        if self._model is None and self.chip is not None:
-            self._model = ChipModel(self.chip)
-        return self._model
-
-    @property
-    def effective_limit_c(self) -> float | None:
-        if self.limit_c is not None:
-            return self.limit_c
-        return None if self.chip is None else self.chip.dtm.threshold_c - self.limit_below_dtm_c
 
     def reset(self, topology: Topology, capabilities: Capabilities) -> None:
         from ailfmd.sim.noc import mean_llc_latency_cycles

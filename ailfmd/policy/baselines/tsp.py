@@ -63,6 +63,41 @@ class ChipModel:
         return float(self.power.freq_for_budget_mhz(budget_w, activity, limit_c)[0])
 
 
+class UsesChipModel:
+    """Shared by the baselines that need the chip's thermal and power models (tsp, pcgov):
+    ``configure(chip)`` hands them the chip; without it they run their model-free fallback."""
+
+    chip: Chip | None
+    limit_c: float | None
+    limit_below_dtm_c: float
+    _model: ChipModel | None
+
+    def configure(self, chip: Chip) -> "UsesChipModel":
+        """Give the policy the chip it runs on; returns self."""
+        self.chip = chip
+        self._model = None
+        self._on_configure()
+        return self
+
+    def _on_configure(self) -> None:
+        """Drop whatever was derived from the previous chip."""
+
+    @property
+    def model(self) -> ChipModel | None:
+        if self._model is None and self.chip is not None:
+            self._model = ChipModel(self.chip)
+        return self._model
+
+    @property
+    def effective_limit_c(self) -> float | None:
+        """The steady-state limit: ``limit_c``, else the chip's DTM threshold minus the margin."""
+        if self.limit_c is not None:
+            return self.limit_c
+        if self.chip is None:
+            return None
+        return self.chip.dtm.threshold_c - self.limit_below_dtm_c
+
+
 def fixed_order_placement(obs: Observation, order: list[int], placed: dict[int, int]) -> dict[int, int]:
     """Threads (by tid) -> CPU: keep ``placed`` ones, give new ones the first free CPU."""
     live = {tid: cpu for tid, cpu in placed.items() if tid in obs.threads and cpu in obs.cpus}
@@ -81,7 +116,7 @@ def fixed_order_placement(obs: Observation, order: list[int], placed: dict[int, 
     return live
 
 
-class TspBaseline:
+class TspBaseline(UsesChipModel):
     name = "tsp"
 
     def __init__(self, chip: Chip | None = None, limit_c: float | None = None,
@@ -95,27 +130,8 @@ class TspBaseline:
         self._order: list[int] = []
         self._budget_cache: dict[tuple[int, ...], tuple[float, float]] = {}
 
-    def configure(self, chip: Chip) -> "TspBaseline":
-        """Give the policy the chip it runs on (thermal and power models); returns self."""
-        self.chip = chip
-        self._model = None
+    def _on_configure(self) -> None:
         self._budget_cache = {}
-        return self
-
-    @property
-    def model(self) -> ChipModel | None:
-        if self._model is None and self.chip is not None:
-            self._model = ChipModel(self.chip)
-        return self._model
-
-    @property
-    def effective_limit_c(self) -> float | None:
-        """The steady-state limit: ``limit_c``, else the chip's DTM threshold minus the margin."""
-        if self.limit_c is not None:
-            return self.limit_c
-        if self.chip is None:
-            return None
-        return self.chip.dtm.threshold_c - self.limit_below_dtm_c
 
     def reset(self, topology: Topology, capabilities: Capabilities) -> None:
         self._order = list(topology.online_cpus)
