@@ -279,6 +279,7 @@ class Daemon:
         watchdog_s = self.notifier.watchdog_interval_s()
         last_ping = 0.0
         ready = False
+        last_error: str | None = None
         next_tick = time.monotonic()
         try:
             while not self._stop:
@@ -289,8 +290,13 @@ class Daemon:
                     epoch_s = self.cfg.daemon.epoch_s
                 try:
                     self.loop.tick()
+                    if last_error is not None:
+                        log.info("epochs run again after: %s", last_error)
+                        last_error = None
                 except Exception as e:  # observe failed: keep going, the next epoch may work
-                    log.exception("epoch failed: %s", e)
+                    if str(e) != last_error:  # once per distinct failure, not every epoch
+                        log.exception("epoch failed: %s", e)
+                        last_error = str(e)
                 now = time.monotonic()
                 if not ready:
                     self.notifier.ready(self.status_line())
