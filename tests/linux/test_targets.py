@@ -316,3 +316,21 @@ def test_real_cgroup_v2_tree(spawn) -> None:
                 d.rmdir()
             except OSError:
                 pass
+
+
+def test_hybrid_cgroup_layout_is_found(tmp_path: Path, machine_sys) -> None:
+    """Hybrid hosts mount v1 controllers at /sys/fs/cgroup and v2 at .../unified."""
+    from ailfmd.platform.linux.platform import LinuxPlatform, find_cgroup2
+
+    (tmp_path / "cg" / "unified").mkdir(parents=True)
+    (tmp_path / "cg" / "unified" / "cgroup.controllers").write_text("cpu memory\n")
+    root, note = find_cgroup2(tmp_path / "cg")
+    assert root.path == tmp_path / "cg" / "unified" and note and "hybrid" in note
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "v2" / "cgroup.controllers").write_text("cpu\n")
+    root, note = find_cgroup2(tmp_path / "v2")
+    assert root.path == tmp_path / "v2" and note is None
+    plat = LinuxPlatform(sysfs_root=machine_sys("vm-bare"), run_dir=tmp_path / "run", cgroupfs_root=tmp_path / "none",
+                         use_perf=False)
+    assert any("no cgroup v2 hierarchy" in n for n in plat.capabilities().notes)
+    plat.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable
 
@@ -42,6 +43,18 @@ from ailfmd.platform.linux.topology import read_topology
 from ailfmd.platform.linux.targets import TargetSelector
 
 DEFAULT_RUN_DIR = "/run/ailfmd"
+
+
+def find_cgroup2(root: Path) -> tuple[Root, str | None]:
+    """The cgroup v2 hierarchy to read ``cgroup.threads`` from, and a note when it is not
+    ``root`` itself: on hybrid systems (v1 controllers mounted at /sys/fs/cgroup) v2 lives
+    at ``/sys/fs/cgroup/unified``, and reading the v1 tree would silently find no threads."""
+    if (root / "cgroup.controllers").exists():
+        return Root(root), None
+    unified = root / "unified"
+    if (unified / "cgroup.controllers").exists():
+        return Root(unified), f"cgroup v2 found at {unified} (hybrid layout); unit and cgroup targets are read there"
+    return Root(root), f"no cgroup v2 hierarchy at {root}: targets by systemd unit or cgroup path will find no threads"
 
 
 @dataclass(frozen=True)
@@ -77,9 +90,9 @@ class LinuxPlatform:
         self.journal = Journal(run_dir)
         self._clock = clock
         self._hot = HotFiles(self.sysfs)
-        self.threads = ThreadTracker(
-            self.procfs, Root(cgroupfs_root), targets or TargetSelector(), use_perf=use_perf
-        )
+        self.cgroupfs, cgroup_note = find_cgroup2(Path(cgroupfs_root))
+        self._cgroup_note = cgroup_note
+        self.threads = ThreadTracker(self.procfs, self.cgroupfs, targets or TargetSelector(), use_perf=use_perf)
         self.slow_every = slow_every
         self._d = self._discover()
         self._open_banks()
@@ -103,6 +116,8 @@ class LinuxPlatform:
             c for c in topo.online_cpus if self.sysfs.exists(f"devices/system/cpu/cpu{c}/thermal_throttle")
         )
         notes.extend(f"another manager is running: {m}" for m in find_other_managers(self.procfs, os.getpid()))
+        if self._cgroup_note:
+            notes.append(self._cgroup_note)
         return _Discovery(topo, plan, tuple(policies), policy_of_cpu, throttle, tuple(notes))
 
     def _open_banks(self) -> None:
