@@ -11,18 +11,16 @@ the commented example is ``packaging/ailfmd.toml``.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
-import math
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
 
 from ailfmd.control.records import MODES
 from ailfmd.errors import ConfigError
 from ailfmd.platform.linux.targets import TargetSelector
+from ailfmd.tomlcheck import Style, Table
 
 DEFAULT_CONFIG_PATH = Path("/etc/ailfmd/ailfmd.toml")
 DEFAULT_RUN_DIR = Path("/run/ailfmd")
@@ -43,6 +41,13 @@ SUN_PATH_MAX_BYTES = 107  # sockaddr_un.sun_path is 108 bytes including the NUL
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # baseline names
 _GROUP = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")  # POSIX-portable group names
+_NAME_WHAT = "a name (letters, digits, '_', '.', '-')"
+
+# Every key is optional (absent sections read as empty); unknown keys and bad choices
+# get a "did you mean" hint.
+_STYLE = Style(int_range="between", num_range="span", number_reason="must be a number",
+               non_empty_strings=True, unknown_hint=True, choice_hint=True,
+               absent_table_empty=True)
 
 
 # --------------------------------------------------------------------------- records
@@ -187,31 +192,31 @@ def parse_config(text: str, source: str) -> DaemonConfig:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise _syntax_error(text, source, e) from None
-    top = _Table(doc, source)
+    top = Table(doc, source, style=_STYLE)
 
     t = top.table("daemon")
     daemon = DaemonSettings(
-        mode=t.choice("mode", MODES, DaemonSettings.mode),
+        mode=t.choice("mode", MODES, default=DaemonSettings.mode),
         epoch_ms=t.integer("epoch_ms", *EPOCH_MS_RANGE, default=DaemonSettings.epoch_ms),
-        run_dir=t.path("run_dir", DaemonSettings.run_dir),
-        log_level=t.choice("log_level", LOG_LEVELS, DaemonSettings.log_level),
+        run_dir=t.path("run_dir", default=DaemonSettings.run_dir),
+        log_level=t.choice("log_level", LOG_LEVELS, default=DaemonSettings.log_level),
     )
     t.finish()
 
     t = top.table("platform")
     s = t.table("sim")
     sim = SimSettings(
-        chip=s.string("chip", SimSettings.chip),
-        workload=s.string("workload", SimSettings.workload),
+        chip=s.string("chip", default=SimSettings.chip),
+        workload=s.string("workload", default=SimSettings.workload),
         seed=s.integer("seed", 0, 2**63 - 1, default=SimSettings.seed),
         speed=s.number("speed", *SIM_SPEED_RANGE, default=SimSettings.speed, lo_open=True),
     )
     s.finish()
     platform = PlatformSettings(
-        kind=t.choice("kind", PLATFORM_KINDS, PlatformSettings.kind),
-        sysfs_root=t.path("sysfs_root", PlatformSettings.sysfs_root),
-        procfs_root=t.path("procfs_root", PlatformSettings.procfs_root),
-        cgroupfs_root=t.path("cgroupfs_root", PlatformSettings.cgroupfs_root),
+        kind=t.choice("kind", PLATFORM_KINDS, default=PlatformSettings.kind),
+        sysfs_root=t.path("sysfs_root", default=PlatformSettings.sysfs_root),
+        procfs_root=t.path("procfs_root", default=PlatformSettings.procfs_root),
+        cgroupfs_root=t.path("cgroupfs_root", default=PlatformSettings.cgroupfs_root),
         sim=sim,
     )
     t.finish()
@@ -220,10 +225,10 @@ def parse_config(text: str, source: str) -> DaemonConfig:
 
     t = top.table("policy")
     policy = PolicySettings(
-        kind=t.choice("kind", POLICY_KINDS, PolicySettings.kind),
-        path=t.path("path", PolicySettings.path),
-        baseline=t.name("baseline", PolicySettings.baseline),
-        fallback=t.name("fallback", PolicySettings.fallback),
+        kind=t.choice("kind", POLICY_KINDS, default=PolicySettings.kind),
+        path=t.path("path", default=PolicySettings.path),
+        baseline=t.matching("baseline", _NAME, _NAME_WHAT, default=PolicySettings.baseline),
+        fallback=t.matching("fallback", _NAME, _NAME_WHAT, default=PolicySettings.fallback),
         timeout_ms=t.integer("timeout_ms", *POLICY_TIMEOUT_MS_RANGE, default=PolicySettings.timeout_ms),
     )
     t.finish()
@@ -239,17 +244,17 @@ def parse_config(text: str, source: str) -> DaemonConfig:
 
     t = top.table("metrics")
     metrics = MetricsSettings(
-        enabled=t.boolean("enabled", MetricsSettings.enabled),
-        listen_address=t.ip_address("listen_address", MetricsSettings.listen_address),
+        enabled=t.boolean("enabled", default=MetricsSettings.enabled),
+        listen_address=_ip_address(t, "listen_address", MetricsSettings.listen_address),
         port=t.integer("port", 1, 65535, default=MetricsSettings.port),
     )
     t.finish()
 
     t = top.table("control")
     control = ControlSettings(
-        socket=t.path("socket", daemon.run_dir / CONTROL_SOCKET_NAME),
+        socket=t.path("socket", default=daemon.run_dir / CONTROL_SOCKET_NAME),
         group=t.matching("group", _GROUP, "a group name (letters, digits, '_', '.', '-'; at most 32)",
-                         ControlSettings.group),
+                         default=ControlSettings.group),
     )
     if len(str(control.socket).encode()) > SUN_PATH_MAX_BYTES:
         t.fail("socket", str(control.socket),
@@ -271,8 +276,8 @@ def _check_pairs(source: str, daemon: DaemonSettings, policy: PolicySettings, sa
                           f"must be below daemon.epoch_ms = {daemon.epoch_ms}: a decision has to fit in one epoch")
 
 
-def _targets(t: _Table) -> TargetSelector:
-    lists = {name: t.items(name) for name in ("pids", "comm_patterns", "cgroup_paths", "systemd_units")}
+def _targets(t: Table) -> TargetSelector:
+    lists = {name: t.items(name, default=[]) for name in ("pids", "comm_patterns", "cgroup_paths", "systemd_units")}
     t.finish()
     try:
         return TargetSelector(**lists)
@@ -303,154 +308,11 @@ def _syntax_error(text: str, source: str, e: tomllib.TOMLDecodeError) -> ConfigE
     return ConfigError(source, f"line {last + 1}", lines[last].strip(), f"not valid TOML: {msg}")
 
 
-# --------------------------------------------------------------------------- reader
-
-
-class _Table:
-    """One TOML table being read: typed getters with defaults, and a record of the keys
-    asked for so that :meth:`finish` can reject the rest as unknown."""
-
-    def __init__(self, data: dict[str, Any], source: str, prefix: str = "") -> None:
-        self.data = data
-        self.source = source
-        self.prefix = prefix
-        self._known: list[str] = []
-        self._children: list[_Table] = []
-
-    def dotted(self, key: str) -> str:
-        return f"{self.prefix}.{key}" if self.prefix else key
-
-    def fail(self, key: str, value: object, reason: str) -> NoReturn:
-        raise ConfigError(self.source, self.dotted(key), value, reason)
-
-    def _get(self, key: str) -> Any:
-        self._known.append(key)
-        return self.data.get(key, _ABSENT)
-
-    def finish(self) -> None:
-        """Reject keys nobody asked for, suggesting the nearest known one.
-
-        Keys of sub-tables are candidates too, so ``mode`` written above ``[daemon]``
-        suggests ``daemon.mode``.
-        """
-        candidates = {k: self.dotted(k) for k in self._known}
-        for child in self._children:
-            for k in child._known:
-                candidates.setdefault(k, child.dotted(k))
-        for key, value in self.data.items():
-            if key in self._known:
-                continue
-            what = "section" if isinstance(value, dict) else "key"
-            near = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
-            if near:
-                hint = f"did you mean {candidates[near[0]]!r}?"
-            else:
-                hint = "known: " + ", ".join(self.dotted(k) for k in self._known)
-            self.fail(key, value, f"unknown {what}; {hint}")
-
-    # ---------------------------------------------------------------- getters
-
-    def table(self, key: str) -> _Table:
-        value = self._get(key)
-        if value is _ABSENT:
-            value = {}
-        elif not isinstance(value, dict):
-            self.fail(key, value, "must be a table ([" + self.dotted(key) + "])")
-        child = _Table(value, self.source, self.dotted(key))
-        self._children.append(child)
-        return child
-
-    def string(self, key: str, default: str) -> str:
-        value = self._get(key)
-        if value is _ABSENT:
-            return default
-        if not isinstance(value, str) or not value.strip():
-            self.fail(key, value, "must be a non-empty string")
-        return value
-
-    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
-        value = self._get(key)
-        if value is _ABSENT:
-            return default
-        if not isinstance(value, str):
-            self.fail(key, value, "must be a string, one of " + ", ".join(map(repr, choices)))
-        if value not in choices:
-            near = difflib.get_close_matches(value.lower(), choices, n=1, cutoff=0.5)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
-            self.fail(key, value, "must be one of " + ", ".join(map(repr, choices)) + hint)
-        return value
-
-    def name(self, key: str, default: str) -> str:
-        return self.matching(key, _NAME, "a name (letters, digits, '_', '.', '-')", default)
-
-    def matching(self, key: str, pattern: re.Pattern[str], what: str, default: str) -> str:
-        value = self.string(key, default)
-        if not pattern.match(value):
-            self.fail(key, value, f"must be {what}")
-        return value
-
-    def path(self, key: str, default: Path) -> Path:
-        value = self._get(key)
-        if value is _ABSENT:
-            return default
-        if not isinstance(value, str) or not value:
-            self.fail(key, value, "must be a path (a non-empty string)")
-        if "\0" in value:
-            self.fail(key, value, "must not contain a NUL character")
-        # The daemon's working directory is / under systemd but not under a shell, so a
-        # relative path would mean different files in each.
-        if not value.startswith("/"):
-            self.fail(key, value, "must be an absolute path")
-        return Path(value)
-
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self._get(key)
-        if value is _ABSENT:
-            return default
-        if not isinstance(value, bool):
-            self.fail(key, value, "must be true or false")
-        return value
-
-    def integer(self, key: str, lo: int, hi: int, *, default: int | None) -> Any:
-        value = self._get(key)
-        if value is _ABSENT:
-            return default
-        # TOML booleans arrive as bool, a subclass of int; 100.0 is not an integer either.
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.fail(key, value, "must be an integer")
-        if not lo <= value <= hi:
-            self.fail(key, value, f"must be between {lo} and {hi}")
-        return value
-
-    def number(self, key: str, lo: float, hi: float, *, default: float, lo_open: bool = False) -> float:
-        value = self._get(key)
-        if value is _ABSENT:
-            return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            self.fail(key, value, "must be a number")
-        if not math.isfinite(value):
-            self.fail(key, value, "must be a finite number")
-        if (value <= lo if lo_open else value < lo) or value > hi:
-            bound = f"above {lo}" if lo_open else f"at least {lo}"
-            self.fail(key, value, f"must be {bound} and at most {hi}")
-        return float(value)
-
-    def ip_address(self, key: str, default: str) -> str:
-        value = self.string(key, default)
-        try:
-            ipaddress.ip_address(value)
-        except ValueError:
-            # A host name could resolve to several addresses, or to a public one later.
-            self.fail(key, value, "must be an IPv4 or IPv6 address (not a host name)")
-        return value
-
-    def items(self, key: str) -> list[Any]:
-        value = self._get(key)
-        if value is _ABSENT:
-            return []
-        if not isinstance(value, list):
-            self.fail(key, value, "must be a list ([...])")
-        return value
-
-
-_ABSENT: Any = object()
+def _ip_address(t: Table, key: str, default: str) -> str:
+    value = t.string(key, default=default)
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        # A host name could resolve to several addresses, or to a public one later.
+        t.fail(key, value, "must be an IPv4 or IPv6 address (not a host name)")
+    return value

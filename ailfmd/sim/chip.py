@@ -16,15 +16,21 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
 
 import numpy as np
 
 from ailfmd.errors import ConfigError
+from ailfmd.tomlcheck import Style, Table
 
 CHIPS_DIR = Path(__file__).parent / "chips"
 DEFAULT_CHIP = "3d-64"
 MAX_CORES = 1024  # the thermal model's matrices are dense: O(nodes^2) memory, O(nodes^3) setup
+
+# Chip files: every key required, lists non-empty and checked item by item; "true" is
+# never a number, NaN is refused by name and an infinity fails the range check.
+_STYLE = Style(int_range="between", num_range="implausible", number_reason="must be a number",
+               nonfinite_reason="must be a number, not NaN", allow_inf=True, float_first=True,
+               non_empty_strings=True, itemwise_lists=True)
 
 
 @dataclass(frozen=True)
@@ -222,10 +228,10 @@ def load_chip(name_or_path: str) -> Chip:
         doc = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(source, "(document)", None, f"not valid TOML: {e}") from None
-    return _parse(TableReader(doc, source))
+    return _parse(Table(doc, source, style=_STYLE))
 
 
-def _parse(top: TableReader) -> Chip:
+def _parse(top: Table) -> Chip:
     name = top.string("name")
     description = top.string("description")
 
@@ -241,7 +247,7 @@ def _parse(top: TableReader) -> Chip:
     if n_cores > MAX_CORES:
         t.fail("layers", floorplan.layers,
                f"{n_cores} cores in all; the dense thermal model supports up to {MAX_CORES}")
-    t.done()
+    t.finish()
 
     t = top.table("noc")
     noc = NocSpec(
@@ -249,7 +255,7 @@ def _parse(top: TableReader) -> Chip:
         hop_vertical_cycles=t.number("hop_vertical_cycles", 0.0, 1e3, lo_open=True),
         llc_bank_access_cycles=t.number("llc_bank_access_cycles", 0.0, 1e4, lo_open=True),
     )
-    t.done()
+    t.finish()
 
     t = top.table("memory")
     memory = MemorySpec(
@@ -257,7 +263,7 @@ def _parse(top: TableReader) -> Chip:
         dram_bandwidth_gbps=t.number("dram_bandwidth_gbps", 0.0, 1e5, lo_open=True),
         llc_bank_size_kib=t.integer("llc_bank_size_kib", 1, 1 << 20),
     )
-    t.done()
+    t.finish()
 
     vf = _parse_vf(top.table("vf"))
 
@@ -271,7 +277,7 @@ def _parse(top: TableReader) -> Chip:
         leakage_voltage_exponent=t.number("leakage_voltage_exponent", 0.0, 5.0),
         uncore_w_per_tile=t.number("uncore_w_per_tile", 0.0, 100.0),
     )
-    t.done()
+    t.finish()
 
     thermal = _parse_thermal(top.table("thermal"), floorplan)
 
@@ -286,17 +292,17 @@ def _parse(top: TableReader) -> Chip:
     if critical_c <= threshold_c:
         t.fail("critical_c", critical_c, f"must be above dtm.threshold_c ({threshold_c})")
     dtm = DtmSpec(threshold_c, hysteresis_c, critical_c)
-    t.done()
+    t.finish()
 
     t = top.table("migration")
     migration = MigrationSpec(warmup_us=t.number("warmup_us", 0.0, 1e6))
-    t.done()
-    top.done()
+    t.finish()
+    top.finish()
     return Chip(name, description, top.source, floorplan, noc, memory, vf, power,
                 thermal, dtm, migration)
 
 
-def _parse_vf(t: TableReader) -> VfTable:
+def _parse_vf(t: Table) -> VfTable:
     freqs = t.integer_list("frequencies_mhz", 100, 10_000)
     volts = t.number_list("voltages_v", 0.3, 2.0)
     if len(volts) != len(freqs):
@@ -307,11 +313,11 @@ def _parse_vf(t: TableReader) -> VfTable:
         if volts[i] < volts[i - 1]:
             t.fail(f"voltages_v[{i}]", volts[i],
                    f"must be >= the previous entry ({volts[i - 1]}): voltage rises with frequency")
-    t.done()
+    t.finish()
     return VfTable(tuple(freqs), tuple(volts))
 
 
-def _parse_plate(t: TableReader, max_thickness_m: float) -> PackagePlate:
+def _parse_plate(t: Table, max_thickness_m: float) -> PackagePlate:
     return PackagePlate(
         side_m=t.number("side_m", 0.0, 1.0, lo_open=True),
         thickness_m=t.number("thickness_m", 0.0, max_thickness_m, lo_open=True),
@@ -320,7 +326,7 @@ def _parse_plate(t: TableReader, max_thickness_m: float) -> PackagePlate:
     )
 
 
-def _parse_thermal(t: TableReader, fp: Floorplan) -> ThermalSpec:
+def _parse_thermal(t: Table, fp: Floorplan) -> ThermalSpec:
     ambient_c = t.number("ambient_c", -50.0, 100.0)
     layer_tables = t.table_list("layers")
     if len(layer_tables) != fp.layers:
@@ -338,7 +344,7 @@ def _parse_thermal(t: TableReader, fp: Floorplan) -> ThermalSpec:
             interface_heat_capacity_j_per_m3k=lt.number(
                 "interface_heat_capacity_j_per_m3k", 0.0, 1e8, lo_open=True),
         ))
-        lt.done()
+        lt.finish()
 
     st = t.table("spreader")
     spreader = _parse_plate(st, 0.05)
@@ -346,7 +352,7 @@ def _parse_thermal(t: TableReader, fp: Floorplan) -> ThermalSpec:
     if spreader.side_m <= die_extent_m:
         st.fail("side_m", spreader.side_m,
                 f"must be larger than the die ({fp.die_width_m:g} x {fp.die_height_m:g} m)")
-    st.done()
+    st.finish()
 
     kt = t.table("sink")
     sink = _parse_plate(kt, 0.5)
@@ -354,103 +360,6 @@ def _parse_thermal(t: TableReader, fp: Floorplan) -> ThermalSpec:
         kt.fail("side_m", sink.side_m, f"must be larger than the spreader ({spreader.side_m:g} m)")
     r_conv = kt.number("convection_resistance_k_per_w", 0.0, 100.0, lo_open=True)
     c_conv = kt.number("convection_capacitance_j_per_k", 0.0, 1e5)
-    kt.done()
-    t.done()
+    kt.finish()
+    t.finish()
     return ThermalSpec(ambient_c, tuple(layers), spreader, sink, r_conv, c_conv)
-
-
-class TableReader:
-    """Reads one TOML table, checking types and ranges; remembers which keys it used.
-
-    ``done()`` rejects keys nobody asked for, so a typo never silently falls back to a
-    default. Errors carry the file, the dotted key and the offending value.
-    """
-
-    def __init__(self, table: dict[str, Any], source: str, prefix: str = "") -> None:
-        self.source = source
-        self._table = table
-        self._prefix = prefix
-        self._used: set[str] = set()
-
-    def key(self, name: str) -> str:
-        return f"{self._prefix}{name}"
-
-    def fail(self, name: str, value: object, reason: str) -> NoReturn:
-        raise ConfigError(self.source, self.key(name), value, reason)
-
-    def _get(self, name: str) -> Any:
-        self._used.add(name)
-        if name not in self._table:
-            raise ConfigError(self.source, self.key(name), None, "missing required key")
-        return self._table[name]
-
-    def string(self, name: str) -> str:
-        value = self._get(name)
-        if not isinstance(value, str) or not value.strip():
-            self.fail(name, value, "must be a non-empty string")
-        return value
-
-    def number(self, name: str, lo: float, hi: float, *, lo_open: bool = False) -> float:
-        return self._check_number(name, self._get(name), lo, hi, lo_open)
-
-    def integer(self, name: str, lo: int, hi: int) -> int:
-        value = self._get(name)
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.fail(name, value, "must be an integer")
-        if not lo <= value <= hi:
-            self.fail(name, value, f"must be between {lo} and {hi}")
-        return value
-
-    def number_list(self, name: str, lo: float, hi: float) -> list[float]:
-        values = self._list(name)
-        return [self._check_number(f"{name}[{i}]", v, lo, hi, False) for i, v in enumerate(values)]
-
-    def integer_list(self, name: str, lo: int, hi: int) -> list[int]:
-        values = self._list(name)
-        for i, v in enumerate(values):
-            if isinstance(v, bool) or not isinstance(v, int):
-                self.fail(f"{name}[{i}]", v, "must be an integer")
-            if not lo <= v <= hi:
-                self.fail(f"{name}[{i}]", v, f"must be between {lo} and {hi}")
-        return list(values)
-
-    def table(self, name: str) -> TableReader:
-        value = self._get(name)
-        if not isinstance(value, dict):
-            self.fail(name, value, "must be a table")
-        return TableReader(value, self.source, f"{self.key(name)}.")
-
-    def table_list(self, name: str) -> list[TableReader]:
-        values = self._list(name)
-        out = []
-        for i, v in enumerate(values):
-            if not isinstance(v, dict):
-                self.fail(f"{name}[{i}]", v, "must be a table")
-            out.append(TableReader(v, self.source, f"{self.key(name)}[{i}]."))
-        return out
-
-    def done(self) -> None:
-        for name in self._table:
-            if name not in self._used:
-                self.fail(name, self._table[name], "unknown key")
-
-    def _list(self, name: str) -> list[Any]:
-        value = self._get(name)
-        if not isinstance(value, list) or not value:
-            self.fail(name, value, "must be a non-empty list")
-        return value
-
-    def _check_number(self, name: str, value: Any, lo: float, hi: float, lo_open: bool) -> float:
-        # bool is an int subclass in Python; "true" is never a number in a chip file.
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            self.fail(name, value, "must be a number")
-        value = float(value)
-        if value != value:
-            self.fail(name, value, "must be a number, not NaN")
-        if lo_open and value <= lo:
-            self.fail(name, value, f"must be > {lo:g}")
-        if not lo_open and value < lo:
-            self.fail(name, value, f"must be >= {lo:g}")
-        if value > hi:
-            self.fail(name, value, f"must be <= {hi:g} (implausible)")
-        return value

@@ -21,16 +21,16 @@ decode step has finished on all of the request's threads.
 
 from __future__ import annotations
 
-import difflib
 import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NoReturn
+from typing import Any, Mapping
 
 import numpy as np
 
 from ..errors import ConfigError
+from ..tomlcheck import Style, Table
 from .kernels import CACHE_LINE_BYTES, Kernel, kernel_by_key, kernel_keys
 
 SHIPPED_DIR = Path(__file__).with_name("workloads")
@@ -39,6 +39,8 @@ SUITES = ("train", "eval", "test")
 _PHASES = ("prefill", "decode")
 _MAX_THREADS = 4096
 _MAX_TOKENS = 1 << 22
+# Workload files: a missing key suggests a look-alike unused one; numbers must be finite.
+_STYLE = Style(missing_hint=True)
 
 
 # --------------------------------------------------------------------------- models
@@ -100,22 +102,22 @@ _ARCH_KEYS = {
 def load_model(name_or_path: str | Path, search_dirs: tuple[Path, ...] = ()) -> ModelProfile:
     """Load a model profile by shipped name (or from ``search_dirs``) or by path."""
     path = _resolve(name_or_path, (*search_dirs, SHIPPED_DIR / MODELS_DIRNAME), "model")
-    top = Table(read_toml(path), str(path))
+    top = Table(read_toml(path), str(path), style=_STYLE)
     meta = top.table("model")
     name = meta.string("name")
     if name != path.stem:
         raise ConfigError(str(path), "model.name", name, f"must equal the file name {path.stem!r}")
     description = meta.string("description", default="")
-    max_ctx = meta.integer("max_context_tokens", minimum=2, maximum=_MAX_TOKENS)
-    chunk = meta.integer("prefill_chunk_tokens", default=512, minimum=1, maximum=_MAX_TOKENS)
+    max_ctx = meta.integer("max_context_tokens", lo=2, hi=_MAX_TOKENS)
+    chunk = meta.integer("prefill_chunk_tokens", default=512, lo=1, hi=_MAX_TOKENS)
     meta.finish()
     arch: dict[str, float] = {}
-    arch_table = top.table("architecture", required=False)
+    arch_table = top.optional_table("architecture")
     if arch_table is not None:
         for key, kind in _ARCH_KEYS.items():
             if key in arch_table:
-                arch[key] = (arch_table.integer(key, minimum=1) if kind is int
-                             else arch_table.number(key, minimum=0.0, open_min=True))
+                arch[key] = (arch_table.integer(key, lo=1) if kind is int
+                             else arch_table.number(key, lo=0.0, lo_open=True))
         arch_table.finish()
     phases = {phase: _parse_phase(top, phase) for phase in _PHASES}
     top.finish()
@@ -137,10 +139,10 @@ def _parse_phase(top: Table, phase: str) -> tuple[KernelCost, ...]:
         t = table.table(key)
         costs.append(KernelCost(
             kernel,
-            t.number("instructions_per_token", minimum=0.0),
-            t.number("instructions_per_context_token", default=0.0, minimum=0.0),
-            t.number("dram_bytes_per_token", default=0.0, minimum=0.0),
-            t.number("dram_bytes_per_context_token", default=0.0, minimum=0.0),
+            t.number("instructions_per_token", lo=0.0),
+            t.number("instructions_per_context_token", default=0.0, lo=0.0),
+            t.number("dram_bytes_per_token", default=0.0, lo=0.0),
+            t.number("dram_bytes_per_context_token", default=0.0, lo=0.0),
         ))
         t.finish()
     if not costs:
@@ -392,11 +394,11 @@ def load_workload(name_or_path: str | Path) -> Workload:
     """
     path = _resolve(name_or_path, (SHIPPED_DIR,), "workload")
     source = str(path)
-    top = Table(read_toml(path), source)
+    top = Table(read_toml(path), source, style=_STYLE)
     meta = top.table("workload")
     name = meta.string("name", default=path.stem)
     description = meta.string("description", default="")
-    suite = meta.string("suite", choices=SUITES)
+    suite = meta.choice("suite", SUITES)
     meta.finish()
     arrivals = _parse_arrivals(top.table("arrivals"))
     model_dirs = (path.parent / MODELS_DIRNAME,)
@@ -434,16 +436,16 @@ def load_workload(name_or_path: str | Path) -> Workload:
 
 
 def _parse_arrivals(t: Table) -> Arrivals:
-    kind = t.string("kind", choices=("poisson", "onoff", "trace"))
+    kind = t.choice("kind", ("poisson", "onoff", "trace"))
     if kind == "poisson":
-        out = Arrivals(kind, rate_per_s=t.number("rate_per_s", minimum=0.0, open_min=True))
+        out = Arrivals(kind, rate_per_s=t.number("rate_per_s", lo=0.0, lo_open=True))
     elif kind == "onoff":
         out = Arrivals(
             kind,
-            rate_on_per_s=t.number("rate_on_per_s", minimum=0.0, open_min=True),
-            rate_off_per_s=t.number("rate_off_per_s", default=0.0, minimum=0.0),
-            mean_on_s=t.number("mean_on_s", minimum=0.0, open_min=True),
-            mean_off_s=t.number("mean_off_s", minimum=0.0, open_min=True),
+            rate_on_per_s=t.number("rate_on_per_s", lo=0.0, lo_open=True),
+            rate_off_per_s=t.number("rate_off_per_s", default=0.0, lo=0.0),
+            mean_on_s=t.number("mean_on_s", lo=0.0, lo_open=True),
+            mean_off_s=t.number("mean_off_s", lo=0.0, lo_open=True),
         )
     else:
         out = Arrivals(kind)
@@ -455,7 +457,7 @@ def _parse_mix_entry(t: Table, model: Any) -> MixEntry:
     name = model(t)
     entry = MixEntry(
         name,
-        t.number("weight", default=1.0, minimum=0.0, open_min=True),
+        t.number("weight", default=1.0, lo=0.0, lo_open=True),
         _parse_dist(t, "prompt_tokens"),
         _parse_dist(t, "output_tokens"),
         _parse_dist(t, "threads", maximum=_MAX_THREADS),
@@ -466,27 +468,27 @@ def _parse_mix_entry(t: Table, model: Any) -> MixEntry:
 
 def _parse_dist(parent: Table, key: str, maximum: int = _MAX_TOKENS) -> LengthDist:
     if parent.is_integer(key):
-        value = parent.integer(key, minimum=1, maximum=maximum)
+        value = parent.integer(key, lo=1, hi=maximum)
         return LengthDist("fixed", {"value": value}, 1, maximum)
     t = parent.table(key)
-    kind = t.string("kind", choices=("fixed", "uniform", "lognormal", "choice"))
+    kind = t.choice("kind", ("fixed", "uniform", "lognormal", "choice"))
     params: dict[str, Any]
     if kind == "fixed":
-        params = {"value": t.integer("value", minimum=1, maximum=maximum)}
+        params = {"value": t.integer("value", lo=1, hi=maximum)}
     elif kind == "uniform":
-        low = t.integer("low", minimum=1, maximum=maximum)
-        params = {"low": low, "high": t.integer("high", minimum=low, maximum=maximum)}
+        low = t.integer("low", lo=1, hi=maximum)
+        params = {"low": low, "high": t.integer("high", lo=low, hi=maximum)}
     elif kind == "lognormal":
-        params = {"median": t.number("median", minimum=1.0, maximum=float(maximum)),
-                  "sigma": t.number("sigma", minimum=0.0, maximum=5.0)}
+        params = {"median": t.number("median", lo=1.0, hi=float(maximum)),
+                  "sigma": t.number("sigma", lo=0.0, hi=5.0)}
     else:
-        values = t.integer_list("values", minimum=1, maximum=maximum)
-        weights = t.number_list("weights", minimum=0.0, default=[1.0] * len(values))
+        values = t.integer_list("values", lo=1, hi=maximum)
+        weights = t.number_list("weights", lo=0.0, default=[1.0] * len(values))
         if len(weights) != len(values) or sum(weights) <= 0:
             t.fail("weights", weights, "needs one non-negative weight per value, not all 0")
         params = {"values": values, "weights": [w / sum(weights) for w in weights]}
-    low = t.integer("min", default=1, minimum=1, maximum=maximum)
-    high = t.integer("max", default=maximum, minimum=low, maximum=maximum)
+    low = t.integer("min", default=1, lo=1, hi=maximum)
+    high = t.integer("max", default=maximum, lo=low, hi=maximum)
     t.finish()
     return LengthDist(kind, params, low, high)
 
@@ -496,10 +498,10 @@ def _parse_trace(rows: list[Table], model: Any, models: Mapping[str, ModelProfil
     raw = []
     for t in rows:
         name = model(t)
-        arrival = t.number("arrival_s", minimum=0.0)
-        prompt = t.integer("prompt_tokens", minimum=1, maximum=_MAX_TOKENS)
-        output = t.integer("output_tokens", minimum=1, maximum=_MAX_TOKENS)
-        threads = t.integer("threads", minimum=1, maximum=_MAX_THREADS)
+        arrival = t.number("arrival_s", lo=0.0)
+        prompt = t.integer("prompt_tokens", lo=1, hi=_MAX_TOKENS)
+        output = t.integer("output_tokens", lo=1, hi=_MAX_TOKENS)
+        threads = t.integer("threads", lo=1, hi=_MAX_THREADS)
         if prompt + output > models[name].max_context_tokens:
             t.fail("output_tokens", output,
                    f"prompt + output exceeds {name}'s context of {models[name].max_context_tokens}")
@@ -536,110 +538,3 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(str(path), "(syntax)", None, str(err)) from None
     except OSError as err:
         raise ConfigError(str(path), "(file)", str(path), err.strerror or str(err)) from None
-
-
-_REQUIRED: Any = object()
-
-
-class Table:
-    """A TOML table being validated: typed getters, dotted key names, unknown-key check."""
-
-    def __init__(self, data: dict[str, Any], source: str, prefix: str = "") -> None:
-        self.data, self.source, self.prefix = data, source, prefix
-        self._used: set[str] = set()
-
-    def dotted(self, key: str) -> str:
-        return f"{self.prefix}.{key}" if self.prefix and key else (self.prefix or key)
-
-    def fail(self, key: str, value: object, reason: str) -> NoReturn:
-        raise ConfigError(self.source, self.dotted(key), value, reason)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.data
-
-    def keys(self) -> Iterator[str]:
-        return iter(list(self.data))
-
-    def _get(self, key: str, default: Any) -> Any:
-        self._used.add(key)
-        if key in self.data:
-            return self.data[key]
-        if default is _REQUIRED:
-            near = difflib.get_close_matches(key, [k for k in self.data if k not in self._used], 1)
-            hint = f" (is {self.dotted(near[0])!r} a misspelling of it?)" if near else ""
-            self.fail(key, None, "missing required key" + hint)
-        return default
-
-    def string(self, key: str, default: Any = _REQUIRED, choices: tuple[str, ...] = ()) -> str:
-        value = self._get(key, default)
-        if not isinstance(value, str):
-            self.fail(key, value, "must be a string")
-        if choices and value not in choices:
-            self.fail(key, value, f"must be one of {', '.join(choices)}")
-        return value
-
-    def is_integer(self, key: str) -> bool:
-        value = self.data.get(key)
-        return isinstance(value, int) and not isinstance(value, bool)
-
-    def number(self, key: str, default: Any = _REQUIRED, minimum: float | None = None,
-               maximum: float | None = None, open_min: bool = False) -> float:
-        value = self._get(key, default)
-        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not numeric or not math.isfinite(value):
-            self.fail(key, value, "must be a finite number")
-        self._check_range(key, value, minimum, maximum, open_min)
-        return float(value)
-
-    def integer(self, key: str, default: Any = _REQUIRED, minimum: int | None = None,
-                maximum: int | None = None) -> int:
-        value = self._get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.fail(key, value, "must be an integer")
-        self._check_range(key, value, minimum, maximum, False)
-        return value
-
-    def _check_range(self, key: str, value: float, lo: float | None, hi: float | None,
-                     open_min: bool) -> None:
-        if lo is not None and (value <= lo if open_min else value < lo):
-            self.fail(key, value, f"must be {'>' if open_min else '>='} {lo}")
-        if hi is not None and value > hi:
-            self.fail(key, value, f"must be <= {hi}")
-
-    def integer_list(self, key: str, minimum: int, maximum: int) -> list[int]:
-        values = self._get(key, _REQUIRED)
-        if not isinstance(values, list) or not values:
-            self.fail(key, values, "must be a non-empty list of integers")
-        for v in values:
-            if isinstance(v, bool) or not isinstance(v, int) or not minimum <= v <= maximum:
-                self.fail(key, values, f"every value must be an integer in [{minimum}, {maximum}]")
-        return values
-
-    def number_list(self, key: str, minimum: float, default: Any = _REQUIRED) -> list[float]:
-        values = self._get(key, default)
-        if not isinstance(values, list):
-            self.fail(key, values, "must be a list of numbers")
-        for v in values:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= minimum:
-                self.fail(key, values, f"every value must be a number >= {minimum}")
-        return [float(v) for v in values]
-
-    def table(self, key: str, required: bool = True) -> Any:
-        value = self._get(key, _REQUIRED if required else None)
-        if value is None:
-            return None
-        if not isinstance(value, dict):
-            self.fail(key, value, "must be a table")
-        return Table(value, self.source, self.dotted(key))
-
-    def table_list(self, key: str) -> list[Table]:
-        value = self._get(key, _REQUIRED)
-        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-            self.fail(key, value, "must be an array of tables ([[...]])")
-        return [Table(v, self.source, f"{self.dotted(key)}[{i}]") for i, v in enumerate(value)]
-
-    def finish(self) -> None:
-        """Reject keys nobody asked for (typos must not be silently ignored)."""
-        for key in self.data:
-            if key not in self._used:
-                self.fail(key, self.data[key], "unknown key")
