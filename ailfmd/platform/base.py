@@ -61,13 +61,6 @@ class Topology:
             out.setdefault(c.package_id, []).append(c.cpu)
         return {p: tuple(sorted(v)) for p, v in sorted(out.items())}
 
-    def cores(self) -> dict[tuple[int, int, int], tuple[int, ...]]:
-        """(package, die, core) -> SMT sibling CPUs."""
-        out: dict[tuple[int, int, int], list[int]] = {}
-        for c in self.cpus.values():
-            out.setdefault((c.package_id, c.die_id, c.core_id), []).append(c.cpu)
-        return {k: tuple(sorted(v)) for k, v in sorted(out.items())}
-
 
 # --------------------------------------------------------------------------- sensors
 

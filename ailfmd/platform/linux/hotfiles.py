@@ -85,9 +85,6 @@ class HotFiles:
         self._fds.clear()
         self._missing.clear()
 
-    def __len__(self) -> int:
-        return len(self._fds)
-
     def __del__(self) -> None:
         # Last resort, like a file object: an owner that forgot close() must not leak
         # hundreds of descriptors.

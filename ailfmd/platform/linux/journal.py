@@ -92,10 +92,6 @@ class Journal:
         self._keys.add(key)
         return True
 
-    def has(self, entry: dict[str, Any]) -> bool:
-        self._open()
-        return entry_key(entry) in self._keys
-
     # ------------------------------------------------------------------ reading
     def load(self) -> LoadedJournal:
         out = LoadedJournal()

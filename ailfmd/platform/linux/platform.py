@@ -170,9 +170,6 @@ class LinuxPlatform:
         items.update(self.threads.capabilities())
         return Capabilities(items=items, notes=d.notes)
 
-    def temperature_plan(self) -> TempPlan:
-        return self._d.plan
-
     def read_policies(self) -> tuple[FreqPolicy, ...]:
         return tuple(cpufreq.read_policy(self._hot, st) for st in self._d.policies)
 

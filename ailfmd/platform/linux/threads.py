@@ -139,9 +139,6 @@ class ThreadTracker:
             raise
         return tracked
 
-    def refs(self) -> tuple[ThreadRef, ...]:
-        return tuple(t.ref for t in self._tracked.values())
-
     # ------------------------------------------------------------------ sampling
     def sample(self) -> dict[int, ThreadSample]:
         if self.selector.is_empty:
