@@ -128,12 +128,10 @@ def read_static(sysfs: Root, p: PolicyPaths) -> PolicyStatic:
             hw_min = hw_max = None
     finally:
         hot.close()
-    active = driver in ACTIVE_MODE_DRIVERS or (driver == "amd-pstate" and "userspace" not in governors and not avail and _amd_active(sysfs))
+    # amd-pstate names itself amd-pstate-epp in active mode and amd-pstate in passive and
+    # guided mode, so the driver name alone tells the mode.
+    active = driver in ACTIVE_MODE_DRIVERS
     return PolicyStatic(p, driver, avail, governors, hw_min, hw_max, active, tuple(errors))
-
-
-def _amd_active(sysfs: Root) -> bool:
-    return sysfs.read_opt_str(f"{CPU_DIR}/amd_pstate/status") == "active"
 
 
 def read_policy(hot: HotFiles, st: PolicyStatic) -> FreqPolicy:
@@ -211,12 +209,11 @@ def read_throttle(hot: HotFiles, cpu: int) -> ThrottleCounts | None:
     vals: list[int | None] = []
     for name in ("core_throttle_count", "package_throttle_count"):
         try:
-            v: int | None = hot.read_int(f"{base}/{name}")
-            if v is not None and v < 0:
-                v = None
+            raw = hot.read_int(f"{base}/{name}")
         except SysfsError:
-            v = None
-        vals.append(v)
+            vals.append(None)
+            continue
+        vals.append(raw if raw >= 0 else None)
     if vals == [None, None]:
         return None
     return ThrottleCounts(cpu, vals[0], vals[1])
