@@ -155,7 +155,7 @@ class ControlLoop:
                 if not o.ok:
                     log.warning("could not apply %s = %s: %s", o.target, o.requested, o.detail)
         t4 = self.perf_clock()
-        limits = self.shield.limits_c(obs)
+        limits = self.shield.last_limits_c  # computed by filter() for this observation
         limit = min((lim for lim, _ in limits.values()), default=self.shield.config.limit_c)
         violations = tuple(
             c for c, s in obs.cpus.items() if s.temp.temp_c is not None and s.temp.temp_c >= limits[c][0]

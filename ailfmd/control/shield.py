@@ -51,6 +51,8 @@ class SafetyShield:
     topology: Topology
     _caps_khz: dict[int, int] = field(default_factory=dict)  # shield's own ceiling per CPU
     _last: dict[int, tuple[float, float]] = field(default_factory=dict)  # cpu -> (time_s, temp_c)
+    # The per-CPU (limit, critical) of the last filter() call, for the loop's report.
+    last_limits_c: dict[int, tuple[float, float]] = field(default_factory=dict)
 
     def reset(self, topology: Topology) -> None:
         self.topology = topology
@@ -79,6 +81,7 @@ class SafetyShield:
         """The decision to apply and the shield's own reasons (empty when it did nothing)."""
         cfg = self.config
         limits = self.limits_c(obs)
+        self.last_limits_c = limits
         caps = dict(decision.action.freq_cap_khz)
         affinity = dict(decision.action.affinity)
         reasons: list[Reason] = []
