@@ -29,6 +29,7 @@ def quick_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, su
     base = tmp_path_factory.mktemp("bench")
     first = ailfm("bench", "--quick", "--out", str(base / "a"), "--jobs", "2")
     second = ailfm("bench", "--quick", "--out", str(base / "b"), "--jobs", "1")
+    assert second.returncode == 0, second.stderr
     return base / "a", base / "b", first
 
 

@@ -32,7 +32,7 @@ from ailfmd.platform.base import (
 )
 from ailfmd.policy.base import Decision, Reason
 from ailfmd.service.metrics import DaemonMetrics
-from promserver import JOB, PrometheusServer, free_port
+from promserver import JOB, PrometheusServer
 
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
