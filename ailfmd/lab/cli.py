@@ -174,6 +174,127 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- record / inspect / train
+
+
+def _add_record(sub: argparse._SubParsersAction) -> None:
+    from ailfmd.lab.run import DEFAULT_EPOCH_S
+
+    r = sub.add_parser("record", help="record an oracle-driven episode for training",
+                       description="Run one scenario with the oracle driving (or a beta-mixture of "
+                                   "the oracle and a learned policy) and append every epoch's "
+                                   "features and oracle label to a crash-safe recording.")
+    r.add_argument("--chip", default=DEFAULT_CHIP, help=f"chip name or TOML file (default {DEFAULT_CHIP})")
+    r.add_argument("--workload", required=True, help="workload name or TOML file")
+    r.add_argument("--duration", type=_positive_float, required=True, metavar="S", help="simulated seconds")
+    r.add_argument("--seed", type=int, default=0, help="seed of the request stream (default 0)")
+    r.add_argument("--epoch-ms", type=_positive_float, default=DEFAULT_EPOCH_S * 1e3,
+                   help="decision epoch (default %(default)g ms)")
+    r.add_argument("--learner", metavar="ONNX", help="learned policy acting when the coin says so")
+    r.add_argument("--beta", type=float, default=1.0,
+                   help="probability that the oracle acts in an epoch (default 1: the oracle drives)")
+    r.add_argument("--out", required=True, help="recording file to write (replaced if it exists)")
+    r.set_defaults(func=_cmd_record)
+
+
+def _cmd_record(args: argparse.Namespace) -> int:
+    from ailfmd.train.episodes import EpisodeSpec, run_episode
+
+    if not 0.0 <= args.beta <= 1.0:
+        raise AilfmError(f"--beta {args.beta}: must be between 0 and 1")
+    if args.beta < 1.0 and not args.learner:
+        raise AilfmError("--beta below 1 needs --learner (the policy acting otherwise)")
+    load_chip(args.chip)  # named errors before the run starts
+    spec = EpisodeSpec(args.chip, args.workload, args.seed, args.duration, beta=args.beta,
+                       learner=args.learner, epoch_s=args.epoch_ms / 1e3)
+    s = run_episode(spec, args.out)
+    print(f"ailfm record: {s.steps} steps ({s.oracle_steps} oracle, {s.learner_steps} learner) "
+          f"written to {s.path}", file=sys.stderr)
+    return 0
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    i = sub.add_parser("inspect", help="summarise a recording (or dump its records)",
+                       description="Print what a recording holds: header, record kinds, array "
+                                   "shapes, torn tail. --dump N prints the first N records as JSON.")
+    i.add_argument("file", help="recording file")
+    i.add_argument("--dump", type=int, default=0, metavar="N", help="print the first N records as JSON")
+    i.add_argument("--json", action="store_true", help="print the summary as JSON")
+    i.set_defaults(func=_cmd_inspect)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from ailfmd.train.recording import read_records, record_as_json, render_summary, summarize
+
+    summary = summarize(args.file)
+    if args.json:
+        json.dump(asdict(summary), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(render_summary(summary))
+    for n, record in enumerate(read_records(args.file)):
+        if n >= args.dump:
+            break
+        sys.stdout.write(json.dumps(record_as_json(record)) + "\n")
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("train", help="train a policy: behaviour cloning, DAgger, evaluation",
+                       description="Record oracle demonstrations, train by behaviour cloning, run "
+                                   "DAgger rounds, evaluate against the oracle and the baselines "
+                                   "and write policy.onnx and MODEL_CARD.md into --out. Needs the "
+                                   "'train' extra (scikit-learn, onnx).")
+    t.add_argument("--out", required=True, help="output folder (resumable with --resume)")
+    t.add_argument("--resume", action="store_true", help="continue an interrupted training in --out")
+    t.add_argument("--quick", action="store_true", help="seconds-long training on the tiny chip (tests)")
+    t.add_argument("--seed", type=int, help="seed of episodes and fitting (default 0)")
+    t.add_argument("--rounds", type=int, help="DAgger rounds after behaviour cloning")
+    t.add_argument("--chips", type=_csv, help="training chips")
+    t.add_argument("--workloads", type=_csv, help="training workloads")
+    t.add_argument("--episodes", type=int, help="episodes per chip and workload per round")
+    t.add_argument("--duration", type=_positive_float, metavar="S", help="simulated seconds per episode")
+    t.add_argument("--eval-chips", type=_csv, help="evaluation chips")
+    t.add_argument("--eval-workloads", type=_csv, help="evaluation workloads")
+    t.add_argument("--eval-seeds", type=_int_csv, help="evaluation seeds")
+    t.add_argument("--eval-duration", type=_positive_float, metavar="S", help="simulated seconds per evaluation run")
+    t.add_argument("--jobs", type=int, default=0, help="worker processes (default: one per CPU)")
+    t.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import os
+    from dataclasses import replace
+
+    try:
+        from ailfmd.train.dagger import QUICK, TrainConfig, train
+    except ImportError as e:
+        raise AilfmError(f"ailfm train needs the 'train' extra (pip install 'ailfmd[train]'): {e}") from None
+    config = QUICK if args.quick else TrainConfig()
+    overrides = {k: v for k, v in (("seed", args.seed), ("rounds", args.rounds), ("chips", args.chips),
+                                   ("workloads", args.workloads), ("episodes_per_workload", args.episodes),
+                                   ("duration_s", args.duration), ("eval_chips", args.eval_chips),
+                                   ("eval_workloads", args.eval_workloads), ("eval_seeds", args.eval_seeds),
+                                   ("eval_duration_s", args.eval_duration)) if v is not None}
+    if overrides.get("rounds", 0) < 0 or overrides.get("episodes_per_workload", 1) < 1:
+        raise AilfmError("--rounds must be >= 0 and --episodes >= 1")
+    from ailfmd.sim.workload import load_workload
+
+    for name in (*overrides.get("chips", ()), *overrides.get("eval_chips", ())):
+        load_chip(name)
+    for name in (*overrides.get("workloads", ()), *overrides.get("eval_workloads", ())):
+        load_workload(name)
+    config = replace(config, **overrides)
+    jobs = args.jobs or len(os.sched_getaffinity(0))
+    summary = train(config, args.out, jobs=jobs, resume=args.resume)
+    for label, scores in summary["overall"].items():
+        parts = ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
+        print(f"{label}: {parts}")
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -182,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     _add_sim(sub)
     _add_bench(sub)
+    _add_record(sub)
+    _add_inspect(sub)
+    _add_train(sub)
     return p
 
 

@@ -165,24 +165,34 @@ class FeatureSet:
     def pair_matrix(self) -> np.ndarray:
         """float32 ``[n_threads * n_cpus, len(PAIR_COLUMNS)]``: thread, core, pair columns."""
         assert self._extractor is not None
-        T, C = self.thread_features, self.core_features
-        m, n = T.shape[0], C.shape[0]
-        kt, kc = T.shape[1], C.shape[1]
-        out = np.empty((m, n, len(PAIR_COLUMNS)), dtype=np.float32)
-        out[:, :, :kt] = T[:, None, :]
-        out[:, :, kt:kt + kc] = C[None, :, :]
-        own = out[:, :, kt + kc:]
-        idx = self.last_cpu_index
-        known = idx >= 0
-        own[:, :, _P["on_core"]] = idx[:, None] == np.arange(n)[None, :]
-        own[:, :, _P["allowed"]] = self.allowed()
-        # Row -1 of the padded distance matrix is the default for an unknown last CPU.
-        own[:, :, _P["migration_distance"]] = self._extractor.distance_padded[idx]
-        own[:, :, _P["migration_distance_missing"]] = ~known[:, None]
-        mem = T[:, _T["mem_bound"], None]
-        np.multiply(mem, C[None, :, _C["llc_latency_rel"]], out=own[:, :, _P["mem_x_latency"]])
-        np.multiply(1.0 - mem, C[None, :, _C["cap"]], out=own[:, :, _P["compute_x_cap"]])
-        return out.reshape(m * n, len(PAIR_COLUMNS))
+        return build_pair_matrix(self.thread_features, self.core_features, self.last_cpu_index,
+                                 self.allowed(), self._extractor.distance_padded)
+
+
+def build_pair_matrix(thread: np.ndarray, core: np.ndarray, last_cpu_index: np.ndarray,
+                      allowed: np.ndarray, distance_padded: np.ndarray) -> np.ndarray:
+    """The pair rows from their parts (what a recording stores instead of the rows).
+
+    ``distance_padded`` is the CPU-to-CPU migration distance with one extra last row
+    holding the default for threads whose last CPU is unknown (index -1).
+    """
+    T, C = thread, core
+    m, n = T.shape[0], C.shape[0]
+    kt, kc = T.shape[1], C.shape[1]
+    out = np.empty((m, n, len(PAIR_COLUMNS)), dtype=np.float32)
+    out[:, :, :kt] = T[:, None, :]
+    out[:, :, kt:kt + kc] = C[None, :, :]
+    own = out[:, :, kt + kc:]
+    idx = last_cpu_index
+    known = idx >= 0
+    own[:, :, _P["on_core"]] = idx[:, None] == np.arange(n)[None, :]
+    own[:, :, _P["allowed"]] = allowed
+    own[:, :, _P["migration_distance"]] = distance_padded[idx]
+    own[:, :, _P["migration_distance_missing"]] = ~known[:, None]
+    mem = T[:, _T["mem_bound"], None]
+    np.multiply(mem, C[None, :, _C["llc_latency_rel"]], out=own[:, :, _P["mem_x_latency"]])
+    np.multiply(1.0 - mem, C[None, :, _C["cap"]], out=own[:, :, _P["compute_x_cap"]])
+    return out.reshape(m * n, len(PAIR_COLUMNS))
 
 
 def _as_slice(cols: list[int]) -> slice | np.ndarray:
@@ -468,5 +478,5 @@ def extract_features(obs: Observation, topology: Topology, prev: Observation | N
     return FeatureExtractor(topology, noc).extract(obs, prev, epoch_s)
 
 
-__all__ = ["FEATURE_SCHEMA", "FeatureExtractor", "FeatureSet", "extract_features",
+__all__ = ["FEATURE_SCHEMA", "FeatureExtractor", "FeatureSet", "build_pair_matrix", "extract_features",
            "infer_kernel_class"]

@@ -1,0 +1,167 @@
+"""The learned policy's contract: model inputs, outputs and action decoding.
+
+The trainer and the runtime (:mod:`ailfmd.policy.onnx_policy`) both build the model's
+inputs and decode its outputs with this module, so what was trained is exactly what runs.
+A policy model has two heads, stored together in one ONNX graph:
+
+- **cap head** (input ``cap_input``, output ``cap_frac``): one row per CPU, the CPU's
+  feature row followed by :data:`CONTEXT_COLUMNS` (chip-wide summaries every row
+  shares, because the right cap depends on the whole chip's heat, not one core's); the
+  output is the cap as a fraction of the CPU's hardware maximum. Decoding snaps it to
+  the nearest step of the CPU's frequency ladder.
+- **pair head** (input ``pair_input``, output ``pair_score``): one row per (thread, CPU)
+  pair (``ailfmd.policy.features.build_pair_matrix``), scored by how likely the teacher
+  would run that thread there. Decoding gives every thread its own CPU, best scores
+  first (:func:`assign`); with more threads than CPUs the CPUs are shared.
+
+Everything is numpy and cheap: a 64-CPU, 64-thread decision decodes in tens of µs.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from ailfmd.platform.base import Observation
+from ailfmd.policy.baselines.common import ladders_khz
+from ailfmd.policy.feature_schema import CORE_COLUMNS, PAIR_COLUMNS, THREAD_COLUMNS
+
+POLICY_FORMAT = "ailfmd.policy/1"
+METADATA_KEY = "ailfmd.policy"  # ONNX metadata_props key holding the policy's JSON card
+
+CAP_INPUT, CAP_OUTPUT = "cap_input", "cap_frac"
+PAIR_INPUT, PAIR_OUTPUT = "pair_input", "pair_score"
+
+CONTEXT_COLUMNS = (
+    "ctx.temp_max",  # hottest CPU (normalised like temp)
+    "ctx.temp_mean",
+    "ctx.slope_max",  # fastest-heating CPU
+    "ctx.group_temp_max",  # hottest CPU at the same distance from the sink (same die)
+    "ctx.threads_per_cpu",  # managed threads / CPUs
+    "ctx.util_mean",  # mean thread utilisation
+    "ctx.mem_bound_mean",
+    "ctx.mpki_mean",
+)
+CAP_COLUMNS = tuple(f"core.{c}" for c in CORE_COLUMNS) + CONTEXT_COLUMNS
+
+_CI = {n: i for i, n in enumerate(CORE_COLUMNS)}
+_TI = {n: i for i, n in enumerate(THREAD_COLUMNS)}
+
+
+def cap_inputs(core: np.ndarray, thread: np.ndarray) -> np.ndarray:
+    """float32 ``[n_cpus, len(CAP_COLUMNS)]``: each CPU's row plus the chip context."""
+    n = core.shape[0]
+    out = np.empty((n, len(CAP_COLUMNS)), dtype=np.float32)
+    k = core.shape[1]
+    out[:, :k] = core
+    ctx = out[:, k:]
+    if n == 0:
+        return out
+    has_t = core[:, _CI["temp_missing"]] < 0.5
+    temp = core[:, _CI["temp"]]
+    t_known = temp[has_t]
+    ctx[:, 0] = t_known.max() if t_known.size else 0.0
+    ctx[:, 1] = t_known.mean() if t_known.size else 0.0
+    slope_known = core[core[:, _CI["temp_slope_missing"]] < 0.5, _CI["temp_slope"]]
+    ctx[:, 2] = slope_known.max() if slope_known.size else 0.0
+    # Hottest CPU of the same die: CPUs with equal sink distance share a layer.
+    t_or_floor = np.where(has_t, temp, -np.inf)
+    dist = core[:, _CI["sink_distance"]]
+    group = np.empty(n, dtype=np.float32)
+    for d in np.unique(dist):
+        same = dist == d
+        group[same] = t_or_floor[same].max()
+    ctx[:, 3] = np.where(np.isfinite(group), group, 0.0)
+    m = thread.shape[0]
+    ctx[:, 4] = m / n
+    ctx[:, 5] = _masked_mean(thread, "utilisation")
+    ctx[:, 6] = _masked_mean(thread, "mem_bound")
+    ctx[:, 7] = _masked_mean(thread, "mpki")
+    return out
+
+
+def _masked_mean(thread: np.ndarray, name: str) -> float:
+    if thread.shape[0] == 0:
+        return 0.0
+    known = thread[:, _TI[f"{name}_missing"]] < 0.5
+    values = thread[known, _TI[name]]
+    return float(values.mean()) if values.size else 0.0
+
+
+def empty_pairs() -> np.ndarray:
+    """The pair input when no thread is managed (the graph still takes the input)."""
+    return np.zeros((0, len(PAIR_COLUMNS)), dtype=np.float32)
+
+
+def assign(scores: np.ndarray) -> np.ndarray:
+    """Each thread's CPU index from ``scores[n_threads, n_cpus]``, one thread per CPU.
+
+    Threads whose best CPU nobody else wants get it at once; otherwise threads pick in
+    order of their best score, each taking its best free CPU. With more threads than
+    CPUs, a new round starts once every CPU is taken (CPUs are shared evenly).
+    """
+    m, n = scores.shape
+    if m == 0 or n == 0:
+        return np.zeros(0, dtype=np.intp)
+    best = scores.argmax(axis=1)
+    if m <= n and np.unique(best).size == m:
+        return best
+    out = np.empty(m, dtype=np.intp)
+    taken = np.zeros(n, dtype=bool)
+    for i in np.argsort(-scores.max(axis=1), kind="stable"):
+        if taken.all():
+            taken[:] = False
+        j = int(np.where(taken, -np.inf, scores[i]).argmax())
+        out[i] = j
+        taken[j] = True
+    return out
+
+
+class CapDecoder:
+    """Snaps predicted cap fractions to each CPU's frequency ladder (kHz).
+
+    The ladders come from the observation (the driver's table, or even steps between the
+    hardware limits) and are cached until the policies' limits change.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._groups: list[tuple[np.ndarray, np.ndarray]] = []  # (cpu row indices, ladder kHz)
+        self._hw_max = np.zeros(0)
+
+    def _prepare(self, obs: Observation, cpus: tuple[int, ...]) -> None:
+        key = (cpus, tuple((p.cpus, p.available_khz, p.hw_min_khz, p.hw_max_khz) for p in obs.policies),
+               tuple(obs.cpus[c].hw_max_khz if c in obs.cpus else None for c in cpus))
+        if key == self._key:
+            return
+        ladders = ladders_khz(obs)
+        by_ladder: dict[tuple[int, ...], list[int]] = {}
+        for i, cpu in enumerate(cpus):
+            ladder = ladders.get(cpu)
+            if ladder:
+                by_ladder.setdefault(tuple(sorted(ladder)), []).append(i)
+        self._groups = [(np.array(rows), np.array(ladder, dtype=float)) for ladder, rows in by_ladder.items()]
+        self._hw_max = np.array([float(obs.cpus[c].hw_max_khz or 0) if c in obs.cpus else 0.0
+                                 for c in cpus])
+        self._key = key
+
+    def decode(self, obs: Observation, cpus: tuple[int, ...], cap_frac: np.ndarray) -> dict[int, int]:
+        """CPU -> cap in kHz; CPUs without a known ladder are left out (left alone)."""
+        self._prepare(obs, cpus)
+        want_khz = np.clip(cap_frac.astype(float), 0.0, 1.0) * self._hw_max
+        caps: dict[int, int] = {}
+        for rows, ladder in self._groups:
+            w = want_khz[rows]
+            # Nearest ladder step: ladders are sorted ascending.
+            hi = np.clip(np.searchsorted(ladder, w), 0, len(ladder) - 1)
+            lo = np.clip(hi - 1, 0, len(ladder) - 1)
+            pick = np.where(np.abs(ladder[lo] - w) <= np.abs(ladder[hi] - w), ladder[lo], ladder[hi])
+            for r, khz in zip(rows.tolist(), pick.tolist()):
+                caps[cpus[r]] = int(khz)
+        return caps
+
+
+def placement_by_tid(tids: tuple[int, ...], cpus: tuple[int, ...], choice: np.ndarray) -> Mapping[int, int]:
+    """tid -> CPU id from :func:`assign`'s row indices."""
+    return {tid: cpus[int(j)] for tid, j in zip(tids, choice.tolist())}

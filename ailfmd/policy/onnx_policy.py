@@ -1,0 +1,189 @@
+"""``onnx``: the learned policy, run by onnxruntime.
+
+``OnnxPolicy(path)`` loads a policy file written by ``ailfm train`` and refuses, with an
+error naming the file and the problem, one that
+
+- is not safe to load: when running as a service (root, or started by systemd) the file
+  must be owned by root, and never writable by group or others — a root daemon that
+  loads a file an unprivileged user can replace runs that user's decisions;
+- is corrupt (onnxruntime cannot parse it) or is not an ailfmd policy (no metadata);
+- was trained on another feature schema or policy format, or whose inputs and outputs
+  do not match the columns this ailfmd builds.
+
+Each decision: features (:mod:`ailfmd.policy.features`), one onnxruntime run of both
+heads, decoding (:mod:`ailfmd.policy.learned`). Inputs are built and outputs decoded by
+the same code the trainer used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ailfmd.errors import AilfmError
+from ailfmd.platform.base import Action, Capabilities, Observation, Topology
+from ailfmd.policy.base import Decision
+from ailfmd.policy.baselines.common import cap_changes, pin_changes
+from ailfmd.policy.feature_schema import FEATURE_SCHEMA, PAIR_COLUMNS
+from ailfmd.policy.features import FeatureExtractor
+from ailfmd.policy.learned import (
+    CAP_COLUMNS,
+    CAP_INPUT,
+    CAP_OUTPUT,
+    METADATA_KEY,
+    PAIR_INPUT,
+    PAIR_OUTPUT,
+    POLICY_FORMAT,
+    CapDecoder,
+    assign,
+    cap_inputs,
+    empty_pairs,
+    placement_by_tid,
+)
+
+SOURCE = "policy:onnx"
+
+
+class PolicyFileError(AilfmError):
+    """A policy file was refused; the message names the file and why."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"policy file {path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def running_as_service() -> bool:
+    """Root, or started by systemd (which sets INVOCATION_ID for every unit it runs)."""
+    return os.geteuid() == 0 or "INVOCATION_ID" in os.environ
+
+
+def check_file_safety(path: str, service: bool) -> None:
+    """Refuse a file others could have replaced. Raises :class:`PolicyFileError`."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise PolicyFileError(path, f"cannot read it: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise PolicyFileError(path, "not a regular file")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise PolicyFileError(path, f"writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                                    "make it 0644 or stricter")
+    if service and st.st_uid != 0:
+        raise PolicyFileError(path, f"owned by uid {st.st_uid}, not root; a service only loads "
+                                    "policies root owns (chown root:root)")
+    if not service and st.st_uid not in (0, os.geteuid()):
+        raise PolicyFileError(path, f"owned by uid {st.st_uid}, neither root nor this user")
+
+
+def read_metadata(path: str, session: Any) -> dict[str, Any]:
+    props = session.get_modelmeta().custom_metadata_map
+    text = props.get(METADATA_KEY)
+    if text is None:
+        raise PolicyFileError(path, f"not an ailfmd policy (no '{METADATA_KEY}' metadata)")
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PolicyFileError(path, f"metadata '{METADATA_KEY}' is not JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise PolicyFileError(path, f"metadata '{METADATA_KEY}' is not a JSON object")
+    return meta
+
+
+def check_contract(path: str, meta: dict[str, Any], session: Any) -> None:
+    """The file's format, schema and tensors must be the ones this ailfmd builds."""
+    if meta.get("format") != POLICY_FORMAT:
+        raise PolicyFileError(path, f"policy format {meta.get('format')!r}; this ailfmd reads {POLICY_FORMAT!r}")
+    if meta.get("feature_schema") != FEATURE_SCHEMA:
+        raise PolicyFileError(path, f"trained on feature schema {meta.get('feature_schema')!r}; "
+                                    f"this ailfmd builds {FEATURE_SCHEMA!r} (retrain the policy)")
+    for key, want in (("cap_columns", CAP_COLUMNS), ("pair_columns", PAIR_COLUMNS)):
+        if tuple(meta.get(key) or ()) != want:
+            raise PolicyFileError(path, f"metadata {key} differ from this ailfmd's columns")
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    outputs = {o.name for o in session.get_outputs()}
+    for name, width in ((CAP_INPUT, len(CAP_COLUMNS)), (PAIR_INPUT, len(PAIR_COLUMNS))):
+        shape = inputs.get(name)
+        if shape is None or len(shape) != 2 or shape[1] != width:
+            raise PolicyFileError(path, f"input {name!r} should be [N, {width}], the file has {shape}")
+    missing = {CAP_OUTPUT, PAIR_OUTPUT} - outputs
+    if missing:
+        raise PolicyFileError(path, f"missing outputs {sorted(missing)} (has {sorted(outputs)})")
+
+
+class OnnxPolicy:
+    """A trained placement and V/f policy in an ONNX file.
+
+    ``service`` decides the ownership rule (default: :func:`running_as_service`);
+    ``threads`` is onnxruntime's intra-op thread count (one: a decision is tiny and the
+    daemon must not compete with the inference server it protects).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, service: bool | None = None, threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        self.path = str(Path(path))
+        check_file_safety(self.path, running_as_service() if service is None else service)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        try:
+            with open(self.path, "rb") as f:
+                model_bytes = f.read()
+            self._session = ort.InferenceSession(model_bytes, sess_options=opts,
+                                                 providers=["CPUExecutionProvider"])
+        except OSError as e:
+            raise PolicyFileError(self.path, f"cannot read it: {e.strerror or e}") from None
+        except Exception as e:  # onnxruntime raises its own types for bad protobufs and graphs
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise PolicyFileError(self.path, f"not a loadable ONNX model ({first[:200]})") from None
+        self.metadata = read_metadata(self.path, self._session)
+        check_contract(self.path, self.metadata, self._session)
+        self.feature_schema: str = self.metadata["feature_schema"]
+        self.name = f"onnx:{self.metadata.get('name', Path(self.path).stem)}"
+        self._extractor: FeatureExtractor | None = None
+        self._prev: Observation | None = None
+        self._caps = CapDecoder()
+
+    def reset(self, topology: Topology, capabilities: Capabilities) -> None:
+        self._extractor = FeatureExtractor(topology)
+        self._prev = None
+        self._caps = CapDecoder()
+
+    def scores(self, obs: Observation) -> tuple[Any, np.ndarray, np.ndarray]:
+        """(feature set, cap fraction per CPU, pair scores [threads, cpus]) for ``obs``."""
+        if self._extractor is None:
+            raise AilfmError("OnnxPolicy.decide before reset()")
+        fs = self._extractor.extract(obs, self._prev)
+        self._prev = obs
+        pairs = fs.pair_matrix() if fs.tids else empty_pairs()
+        cap_out, pair_out = self._session.run(
+            [CAP_OUTPUT, PAIR_OUTPUT],
+            {CAP_INPUT: cap_inputs(fs.core_features, fs.thread_features), PAIR_INPUT: pairs})
+        cap_frac = np.asarray(cap_out, dtype=np.float32).reshape(-1)
+        pair = np.asarray(pair_out, dtype=np.float32).reshape(len(fs.tids), len(fs.cpus))
+        if not (np.isfinite(cap_frac).all() and np.isfinite(pair).all()):
+            raise AilfmError(f"{self.name}: the model returned NaN or infinity")
+        return fs, cap_frac, pair
+
+    def decide(self, obs: Observation) -> Decision:
+        t0 = time.perf_counter()
+        fs, cap_frac, pair = self.scores(obs)
+        caps_khz = self._caps.decode(obs, fs.cpus, cap_frac)
+        choice = assign(pair)
+        placement = placement_by_tid(fs.tids, fs.cpus, choice)
+        caps, cap_reasons = cap_changes(
+            obs, caps_khz, SOURCE, lambda cpu, khz: f"model caps cpu {cpu} at {khz // 1000} MHz")
+        # Score of the chosen CPU, for the reason (higher = the teacher's likelier choice).
+        score = {tid: float(pair[i, choice[i]]) for i, tid in enumerate(fs.tids)}
+        affinity, pin_reasons = pin_changes(
+            obs, placement, SOURCE, lambda s, cpu: f"model places thread on cpu {cpu} (score {score[s.ref.tid]:.2f})")
+        info: dict[str, float | str] = {"inference_ms": (time.perf_counter() - t0) * 1e3}
+        return Decision(Action(affinity=affinity, freq_cap_khz=caps), tuple(cap_reasons + pin_reasons), info)

@@ -1,0 +1,1 @@
+"""Offline training of the learned policy: recordings, models, DAgger."""

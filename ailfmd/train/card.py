@@ -1,0 +1,105 @@
+"""The model card written beside a trained policy: data, training, scores, limits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ailfmd.policy.feature_schema import FEATURE_SCHEMA
+from ailfmd.policy.learned import POLICY_FORMAT
+
+
+def _pct(ratio: float | None) -> str:
+    return "–" if ratio is None else f"{(ratio - 1) * 100:+.1f} %"
+
+
+def _num(v: float | None, spec: str = ".3f") -> str:
+    return "–" if v is None else f"{v:{spec}}"
+
+
+def render_model_card(config: Any, rounds: list[dict[str, Any]], summary: dict[str, Any],
+                      train_s: float) -> str:
+    from ailfmd.train.dagger import round_beta
+
+    lines = [
+        "# Model card: ailfmd placement and V/f policy",
+        "",
+        f"Policy format `{POLICY_FORMAT}`, feature schema `{FEATURE_SCHEMA}`. Trained by "
+        f"`ailfm train` (seed {config.seed}) in {train_s / 60:.1f} minutes of wall time, "
+        "evaluation not included.",
+        "",
+        "## Data",
+        "",
+        f"- Chips: {', '.join(config.chips)}; workloads: {', '.join(config.workloads)}.",
+        f"- Per round: {config.episodes_per_workload} episodes per chip and workload, "
+        f"{config.duration_s:g} simulated seconds each, 100 ms decision epochs, oracle labels "
+        "on every visited state (look-ahead 0.3 s, 1 °C below DTM).",
+        f"- Rounds: behaviour cloning then {config.rounds} DAgger rounds, "
+        f"β = {', '.join(f'{round_beta(config, r):.3g}' for r in range(config.rounds + 1))}.",
+        "",
+        "| round | β | episodes | steps | learner-driven steps | cap MAE | placement agreement | data sha256 |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for info in rounds:
+        d, im = info["data"], info["imitation"]
+        lines.append(f"| {info['round']} | {info['beta']:.3g} | {d['episodes']} | {d['steps']} | "
+                     f"{d['learner_steps']} | {_num(im.get('cap_mae'))} | "
+                     f"{_num(im.get('placement_agreement'), '.2f')} | `{d['sha256'][:12]}` |")
+    m = config.model
+    lines += [
+        "",
+        "Cap MAE: mean absolute error of the cap (fraction of the hardware maximum) on held-back "
+        "steps; placement agreement: share of held-back threads placed on the teacher's CPU.",
+        "",
+        "## Model",
+        "",
+        f"Two multi-layer perceptrons (ReLU) behind standard scalers, exported as one ONNX graph: "
+        f"cap head {list(m.cap_hidden)} hidden units (one row per CPU: its features and chip "
+        f"context), pair head {list(m.pair_hidden)} (one row per thread and CPU, logistic score). "
+        "The export is checked against scikit-learn on held-back steps.",
+        "",
+        "## Scores",
+        "",
+        "Ratios of mean response time, learned / reference (below 1 is better; geometric mean "
+        "over scenarios). *Safe* baselines: those with no more time above DTM than the learned "
+        "policy (+0.05 s).",
+        "",
+        "| policy | vs oracle | vs best baseline | vs best safe baseline | time above DTM, all scenarios |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for label, o in summary.get("overall", {}).items():
+        lines.append(f"| {label} | {_pct(o.get('vs_oracle'))} | {_pct(o.get('vs_best_baseline'))} | "
+                     f"{_pct(o.get('vs_best_safe_baseline'))} | {o.get('time_above_dtm_s_total', 0):.2f} s |")
+    lines += ["", "Per scenario (mean response time in s; time above DTM in s):", "",
+              "| chip | workload | dagger | bc | oracle | best baseline | dagger above DTM | held out |",
+              "|---|---|---:|---:|---:|---|---:|---|"]
+    pols = summary.get("policies", {})
+    for s in summary.get("scenarios", []):
+        p = s["policies"]
+        d, b, o = p.get(pols.get("dagger"), {}), p.get(pols.get("bc"), {}), p.get("oracle", {})
+        best = s.get("dagger", {}).get("best_baseline")
+        best_txt = f"{best} {_num(p[best]['mean_response_s'])}" if best else "–"
+        held = [what for what, seen in (("chip", s["chip"] in config.chips),
+                                        ("workload", s["workload"] in config.workloads)) if not seen]
+        lines.append(f"| {s['chip']} | {s['workload']} | {_num(d.get('mean_response_s'))} | "
+                     f"{_num(b.get('mean_response_s'))} | {_num(o.get('mean_response_s'))} | {best_txt} | "
+                     f"{_num(d.get('time_above_dtm_s'), '.2f')} | {', '.join(held) or 'no'} |")
+    lines += [
+        "",
+        "## Limits",
+        "",
+        "- Trained on the simulator only. On real machines the temperature features are "
+        "normalised to the simulated chips' 45/80 °C, and die-stack and cache-distance features "
+        "are missing (masked); the daemon's safety shield stays in charge of the limits.",
+        "- Mean response time counts completed requests only; compare completed counts and "
+        "tokens/s too (evaluation.json).",
+        "- The learned policy has no safety margin of its own: outside training conditions it "
+        "can run hotter than the oracle. The daemon always runs it behind the safety shield.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_model_card(path: Path, config: Any, rounds: list[dict[str, Any]], summary: dict[str, Any],
+                     train_s: float) -> None:
+    path.write_text(render_model_card(config, rounds, summary, train_s))

@@ -1,0 +1,149 @@
+"""The runtime of learned policies: loads what the trainer wrote, refuses what it must not run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ailfmd.lab.run import Scenario, run_scenario
+from ailfmd.policy.onnx_policy import OnnxPolicy, PolicyFileError
+from ailfmd.service.config import PolicySettings
+from ailfmd.service.policies import UnavailablePolicy, load_policy
+from ailfmd.sim.chip import load_chip
+from ailfmd.sim.platform import SimPlatform
+from ailfmd.sim.workload import load_workload
+from ailfmd.train.model import set_metadata
+
+NOBODY_UID = 65534
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copyfile(src, dst)
+    os.chmod(dst, 0o644)
+    return dst
+
+
+def test_loads_the_trained_policy_and_decides_on_the_simulator(quick_training) -> None:
+    out, _ = quick_training
+    policy = OnnxPolicy(out / "policy.onnx", service=False)
+    assert policy.feature_schema == "ailfmd.features/1"
+    chip = load_chip("3d-64")  # trained on the tiny chip: the model sizes itself to any chip
+    plat = SimPlatform(chip, load_workload("decode-heavy"), seed=0, duration_s=2.0)
+    policy.reset(plat.topology(), plat.capabilities())
+    plat.advance(0.3)
+    obs = plat.observe()
+    decision = policy.decide(obs)
+    ladder = set(int(f) for f in plat.engine.levels.freq_khz)
+    assert set(decision.action.freq_cap_khz.values()) <= ladder
+    # Every managed thread ends up on exactly one CPU, no two on the same one.
+    placed = {}
+    for tid, sample in obs.threads.items():
+        cpus = decision.action.affinity.get(sample.ref, sample.affinity)
+        assert len(cpus) == 1, (tid, cpus)
+        placed[tid] = next(iter(cpus))
+    assert len(set(placed.values())) == len(placed)
+    assert all(r.source == "policy:onnx" for r in decision.reasons)
+    assert decision.info["inference_ms"] > 0
+
+
+def test_runs_a_whole_scenario(quick_training) -> None:
+    out, _ = quick_training
+    sc = Scenario(load_chip("tiny"), load_workload("tiny-test"), 5, 2.0)
+    result = run_scenario(sc, OnnxPolicy(out / "policy.onnx", service=False))
+    assert result.metrics.requests_completed > 0
+    assert result.refused_actions == 0
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_a_corrupt_file_is_refused_with_its_name(quick_training, tmp_path: Path, damage: str) -> None:
+    out, _ = quick_training
+    good = (out / "policy.onnx").read_bytes()
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes({"garbage": os.urandom(4096), "truncated": good[: len(good) // 2], "empty": b""}[damage])
+    os.chmod(bad, 0o644)
+    with pytest.raises(PolicyFileError) as e:
+        OnnxPolicy(bad, service=False)
+    assert str(bad) in str(e.value)
+
+
+def test_another_feature_schema_is_refused(quick_training, tmp_path: Path) -> None:
+    out, _ = quick_training
+    other = tmp_path / "old.onnx"
+    other.write_bytes(set_metadata((out / "policy.onnx").read_bytes(), {"feature_schema": "ailfmd.features/0"}))
+    os.chmod(other, 0o644)
+    with pytest.raises(PolicyFileError, match=r"feature schema 'ailfmd.features/0'.*ailfmd.features/1"):
+        OnnxPolicy(other, service=False)
+
+
+def test_an_onnx_model_that_is_no_policy_is_refused(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "plain.onnx"
+    path.write_bytes(model.SerializeToString())
+    os.chmod(path, 0o644)
+    with pytest.raises(PolicyFileError, match="not an ailfmd policy"):
+        OnnxPolicy(path, service=False)
+
+
+def test_unsafe_permissions_are_refused(quick_training, tmp_path: Path) -> None:
+    out, _ = quick_training
+    path = _copy(out / "policy.onnx", tmp_path / "p.onnx")
+    os.chmod(path, 0o666)
+    with pytest.raises(PolicyFileError, match="writable by group or others"):
+        OnnxPolicy(path, service=False)
+    os.chmod(path, 0o644)
+    OnnxPolicy(path, service=True if os.geteuid() == 0 else False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_a_service_only_loads_root_owned_policies(quick_training, tmp_path: Path) -> None:
+    out, _ = quick_training
+    path = _copy(out / "policy.onnx", tmp_path / "p.onnx")
+    os.chown(path, NOBODY_UID, NOBODY_UID)
+    with pytest.raises(PolicyFileError, match=f"owned by uid {NOBODY_UID}, not root"):
+        OnnxPolicy(path, service=True)
+    with pytest.raises(PolicyFileError, match="neither root nor this user"):
+        OnnxPolicy(path, service=False)
+
+
+def test_the_daemon_loads_it_and_falls_back_on_a_bad_file(quick_training, tmp_path: Path) -> None:
+    out, _ = quick_training
+    good = _copy(out / "policy.onnx", tmp_path / "good.onnx")
+    loaded = load_policy(PolicySettings(kind="onnx", path=good))
+    assert isinstance(loaded.policy, OnnxPolicy)
+    assert loaded.info.feature_schema == "ailfmd.features/1"
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    os.chmod(bad, 0o644)
+    loaded = load_policy(PolicySettings(kind="onnx", path=bad))
+    assert isinstance(loaded.policy, UnavailablePolicy)
+    assert str(bad) in loaded.policy.reason
+
+
+def test_nan_from_the_model_is_an_error_not_an_action(quick_training, tmp_path: Path) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    out, _ = quick_training
+    model = onnx.load(str(out / "policy.onnx"))
+    for init in model.graph.initializer:
+        if init.name == "cap/b0":
+            init.CopyFrom(numpy_helper.from_array(np.full(numpy_helper.to_array(init).shape, np.nan,
+                                                          dtype=np.float32), "cap/b0"))
+    path = tmp_path / "nan.onnx"
+    path.write_bytes(model.SerializeToString())
+    os.chmod(path, 0o644)
+    policy = OnnxPolicy(path, service=False)
+    plat = SimPlatform(load_chip("tiny"), load_workload("tiny-test"), seed=0, duration_s=1.0)
+    policy.reset(plat.topology(), plat.capabilities())
+    with pytest.raises(Exception, match="NaN"):
+        policy.decide(plat.observe())

@@ -1,0 +1,166 @@
+"""``ailfm train`` end to end on the tiny chip: BC, DAgger, resume, export check, scores."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ailfmd.errors import AilfmError
+from ailfmd.lab.cli import main as ailfm
+from ailfmd.lab.run import Scenario, run_scenario
+from ailfmd.platform.base import Action, Capabilities, Observation, Topology
+from ailfmd.policy.base import Decision
+from ailfmd.policy.onnx_policy import OnnxPolicy
+from ailfmd.sim.chip import load_chip
+from ailfmd.sim.workload import load_workload
+from ailfmd.train.dagger import QUICK, train
+from ailfmd.train.dataset import load_dataset
+from ailfmd.train.model import TrainingError, fit_heads, export_onnx, verify_export
+from ailfmd.train.recording import read_records
+
+
+class RandomPolicy:
+    """Random caps from each CPU's range and random pinning: what "beats random" means."""
+
+    name = "random"
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def reset(self, topology: Topology, capabilities: Capabilities) -> None:
+        self.cpus = sorted(topology.cpus)
+
+    def decide(self, obs: Observation) -> Decision:
+        caps = {c: int(self.rng.uniform(st.hw_min_khz, st.hw_max_khz)) for c, st in obs.cpus.items()}
+        aff = {t.ref: frozenset({int(self.rng.choice(self.cpus))}) for t in obs.threads.values()}
+        return Decision(Action(affinity=aff, freq_cap_khz=caps))
+
+
+def test_quick_training_writes_a_policy_card_and_scores(quick_training) -> None:
+    out, summary = quick_training
+    for name in ("config.json", "policy.onnx", "MODEL_CARD.md", "evaluation.json",
+                 "models/round0.onnx", "models/round1.onnx", "models/round0.json"):
+        assert (out / name).exists(), name
+    meta = OnnxPolicy(out / "policy.onnx", service=False).metadata
+    assert meta["trained_on"] == {"chips": ["tiny"], "workloads": ["tiny-test"]}
+    assert meta["scores"] == json.loads(json.dumps(summary["overall"]))
+    assert len(meta["data"]["sha256"]) == 64 and meta["trainer"].startswith("ailfm train")
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "DAgger" in card and "| bc |" in card and "| dagger |" in card
+
+
+def test_the_trained_policy_beats_random(quick_training) -> None:
+    out, _ = quick_training
+    learned, rand = [], []
+    for seed in (11, 12, 13):
+        sc = Scenario(load_chip("tiny"), load_workload("tiny-test"), seed, 3.0)
+        learned.append(run_scenario(sc, OnnxPolicy(out / "policy.onnx", service=False)).metrics)
+        rand.append(run_scenario(sc, RandomPolicy(seed)).metrics)
+    assert sum(m.requests_completed for m in learned) >= sum(m.requests_completed for m in rand)
+    assert np.mean([m.mean_response_s for m in learned]) < np.mean([m.mean_response_s for m in rand])
+
+
+def test_dagger_aggregates_learner_visited_states(quick_training) -> None:
+    out, _ = quick_training
+    r0 = json.loads((out / "models" / "round0.json").read_text())
+    r1 = json.loads((out / "models" / "round1.json").read_text())
+    assert r0["data"]["learner_steps"] == 0
+    assert r1["data"]["episodes"] == 2 * r0["data"]["episodes"]
+    assert r1["data"]["steps"] > r0["data"]["steps"]
+    assert r1["data"]["learner_steps"] > 0
+    # In round 1 the round-0 policy drove some epochs, and the oracle labelled them.
+    acted = [r.meta["acted"] for f in (out / "data" / "round1").glob("*.rec")
+             for r in read_records(f) if r.kind == "step"]
+    assert "learner" in acted and "oracle" in acted
+    runs = [r for f in (out / "data" / "round1").glob("*.rec") for r in read_records(f) if r.kind == "run"]
+    assert all(r.meta["learner_sha256"] for r in runs)
+    for f in (out / "data" / "round1").glob("*.rec"):
+        for r in read_records(f):
+            if r.kind == "step":
+                assert np.isfinite(r.arrays["cap_target"]).all()
+
+
+def test_the_export_equals_the_trained_model_and_a_tampered_one_is_caught(quick_training) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    out, _ = quick_training
+    data = load_dataset(sorted((out / "data").rglob("*.rec")))
+    assert data.held, "some steps are held back"
+    heads = fit_heads(data, QUICK.model, seed=0)
+    model_bytes = export_onnx(heads, {})
+    diff = verify_export(heads, model_bytes, data)
+    assert diff["cap_max_abs_diff"] < 1e-4 and diff["pair_max_abs_diff"] < 1e-4
+    model = onnx.load_from_string(model_bytes)
+    for init in model.graph.initializer:
+        if init.name == "cap/b0":
+            w = numpy_helper.to_array(init) + 0.5
+            init.CopyFrom(numpy_helper.from_array(w.astype(np.float32), "cap/b0"))
+    with pytest.raises(TrainingError, match="differs from the trained model"):
+        verify_export(heads, model.SerializeToString(), data)
+
+
+def test_training_is_reproducible_and_resumes_after_an_interruption(quick_training, tmp_path: Path) -> None:
+    out, _ = quick_training
+    cfg = QUICK.__class__(**{**QUICK.__dict__, "rounds": 1, "eval_policies": ("linux",)})
+    other = tmp_path / "again"
+    train(cfg, other, jobs=2, progress=None)
+    # Same seed, same data and the same weights, whatever the worker count.
+    a = json.loads((out / "models" / "round1.json").read_text())["data"]["sha256"]
+    b = json.loads((other / "models" / "round1.json").read_text())["data"]["sha256"]
+    assert a == b
+    assert (out / "models" / "round1.onnx").read_bytes() == (other / "models" / "round1.onnx").read_bytes()
+    # Interrupt: the last model is gone and an episode of round 1 was cut mid-write.
+    before = (other / "models" / "round1.onnx").read_bytes()
+    (other / "models" / "round1.onnx").unlink()
+    (other / "models" / "round1.json").unlink()
+    (other / "policy.onnx").unlink()
+    episode = sorted((other / "data" / "round1").glob("*.rec"))[0]
+    size = episode.stat().st_size
+    with open(episode, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(AilfmError, match="--resume"):
+        train(cfg, other, jobs=1, progress=None)
+    train(cfg, other, jobs=1, resume=True, progress=None)
+    assert (other / "models" / "round1.onnx").read_bytes() == before
+    assert episode.stat().st_size == size
+    # Resuming with other options is refused, naming what differs.
+    changed = QUICK.__class__(**{**cfg.__dict__, "duration_s": 3.0})
+    with pytest.raises(AilfmError, match="duration_s"):
+        train(changed, other, jobs=1, resume=True, progress=None)
+
+
+def test_no_data_is_a_named_error(tmp_path: Path) -> None:
+    data = load_dataset([])
+    with pytest.raises(TrainingError, match="no training steps"):
+        fit_heads(data, QUICK.model, seed=0)
+
+
+def test_ailfm_record_and_inspect(tmp_path: Path, capsys) -> None:
+    rec = tmp_path / "ep.rec"
+    assert ailfm(["record", "--chip", "tiny", "--workload", "tiny-test", "--duration", "1",
+                  "--out", str(rec)]) == 0
+    kinds = [r.kind for r in read_records(rec)]
+    assert kinds[0] == "run" and kinds[-1] == "end" and kinds.count("step") == 10
+    capsys.readouterr()
+    assert ailfm(["inspect", str(rec), "--dump", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "step" in text and "core_target" in text and '"kind": "run"' in text
+    # A recording cut by a crash still inspects, and says so.
+    with open(rec, "r+b") as f:
+        f.truncate(rec.stat().st_size - 7)
+    assert ailfm(["inspect", str(rec)]) == 0
+    assert "torn" in capsys.readouterr().out
+
+
+def test_ailfm_record_rejects_bad_options(tmp_path: Path, capsys) -> None:
+    assert ailfm(["record", "--workload", "tiny-test", "--duration", "1", "--beta", "0.5",
+                  "--out", str(tmp_path / "x.rec")]) == 2
+    assert "--learner" in capsys.readouterr().err
+    assert ailfm(["train", "--quick", "--out", str(tmp_path / "t"), "--workloads", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err
