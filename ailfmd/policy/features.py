@@ -168,6 +168,12 @@ class FeatureSet:
         return build_pair_matrix(self.thread_features, self.core_features, self.last_cpu_index,
                                  self.allowed(), self._extractor.distance_padded)
 
+    def pair_own(self) -> np.ndarray:
+        """float32 ``[n_threads * n_cpus, len(PAIR_OWN_COLUMNS)]``: the pairs' own columns."""
+        assert self._extractor is not None
+        return build_pair_own(self.thread_features, self.core_features, self.last_cpu_index,
+                              self.allowed(), self._extractor.distance_padded)
+
 
 def build_pair_matrix(thread: np.ndarray, core: np.ndarray, last_cpu_index: np.ndarray,
                       allowed: np.ndarray, distance_padded: np.ndarray) -> np.ndarray:
@@ -182,17 +188,30 @@ def build_pair_matrix(thread: np.ndarray, core: np.ndarray, last_cpu_index: np.n
     out = np.empty((m, n, len(PAIR_COLUMNS)), dtype=np.float32)
     out[:, :, :kt] = T[:, None, :]
     out[:, :, kt:kt + kc] = C[None, :, :]
-    own = out[:, :, kt + kc:]
+    out[:, :, kt + kc:] = build_pair_own(T, C, last_cpu_index, allowed, distance_padded).reshape(
+        m, n, len(PAIR_OWN_COLUMNS))
+    return out.reshape(m * n, len(PAIR_COLUMNS))
+
+
+def build_pair_own(thread: np.ndarray, core: np.ndarray, last_cpu_index: np.ndarray,
+                   allowed: np.ndarray, distance_padded: np.ndarray) -> np.ndarray:
+    """float32 ``[n_threads * n_cpus, len(PAIR_OWN_COLUMNS)]``: only the pair's own columns.
+
+    A model whose first layer is linear can score pairs from these plus the thread and
+    core rows without ever building the full pair matrix (the ONNX policy does).
+    """
+    m, n = thread.shape[0], core.shape[0]
+    own = np.empty((m, n, len(PAIR_OWN_COLUMNS)), dtype=np.float32)
     idx = last_cpu_index
     known = idx >= 0
     own[:, :, _P["on_core"]] = idx[:, None] == np.arange(n)[None, :]
     own[:, :, _P["allowed"]] = allowed
     own[:, :, _P["migration_distance"]] = distance_padded[idx]
     own[:, :, _P["migration_distance_missing"]] = ~known[:, None]
-    mem = T[:, _T["mem_bound"], None]
-    np.multiply(mem, C[None, :, _C["llc_latency_rel"]], out=own[:, :, _P["mem_x_latency"]])
-    np.multiply(1.0 - mem, C[None, :, _C["cap"]], out=own[:, :, _P["compute_x_cap"]])
-    return out.reshape(m * n, len(PAIR_COLUMNS))
+    mem = thread[:, _T["mem_bound"], None]
+    np.multiply(mem, core[None, :, _C["llc_latency_rel"]], out=own[:, :, _P["mem_x_latency"]])
+    np.multiply(1.0 - mem, core[None, :, _C["cap"]], out=own[:, :, _P["compute_x_cap"]])
+    return own.reshape(m * n, len(PAIR_OWN_COLUMNS))
 
 
 def _as_slice(cols: list[int]) -> slice | np.ndarray:
@@ -478,5 +497,5 @@ def extract_features(obs: Observation, topology: Topology, prev: Observation | N
     return FeatureExtractor(topology, noc).extract(obs, prev, epoch_s)
 
 
-__all__ = ["FEATURE_SCHEMA", "FeatureExtractor", "FeatureSet", "build_pair_matrix", "extract_features",
+__all__ = ["FEATURE_SCHEMA", "FeatureExtractor", "FeatureSet", "build_pair_matrix", "build_pair_own", "extract_features",
            "infer_kernel_class"]

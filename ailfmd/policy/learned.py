@@ -9,10 +9,14 @@ A policy model has two heads, stored together in one ONNX graph:
   shares, because the right cap depends on the whole chip's heat, not one core's); the
   output is the cap as a fraction of the CPU's hardware maximum. Decoding snaps it to
   the nearest step of the CPU's frequency ladder.
-- **pair head** (input ``pair_input``, output ``pair_score``): one row per (thread, CPU)
-  pair (``ailfmd.policy.features.build_pair_matrix``), scored by how likely the teacher
-  would run that thread there. Decoding gives every thread its own CPU, best scores
-  first (:func:`assign`); with more threads than CPUs the CPUs are shared.
+- **pair head** (output ``pair_score``): one score per (thread, CPU) pair, how likely the
+  teacher would run that thread there. It is trained on whole pair rows
+  (``PAIR_COLUMNS``: thread, core and pair columns), but because its first layer is
+  linear the graph takes the parts — ``thread_input`` (one row per thread), the core
+  columns of ``cap_input`` and ``pair_input`` (only the pairs' own columns,
+  ``build_pair_own``) — and adds their products: the 4096-row pair matrix of a 64 x 64
+  decision is never built. Decoding gives every thread its own CPU, best scores first
+  (:func:`assign`); with more threads than CPUs the CPUs are shared.
 
 Everything is numpy and cheap: a 64-CPU, 64-thread decision decodes in tens of µs.
 """
@@ -25,12 +29,20 @@ import numpy as np
 
 from ailfmd.platform.base import Observation
 from ailfmd.policy.baselines.common import ladders_khz
-from ailfmd.policy.feature_schema import CORE_COLUMNS, PAIR_COLUMNS, THREAD_COLUMNS
+from ailfmd.policy.feature_schema import (
+    CORE_COLUMNS,
+    PAIR_OWN_COLUMNS,
+    SLOPE_SCALE_C_PER_S,
+    TEMP_REF_C,
+    TEMP_SCALE_C,
+    THREAD_COLUMNS,
+)
 
 POLICY_FORMAT = "ailfmd.policy/1"
 METADATA_KEY = "ailfmd.policy"  # ONNX metadata_props key holding the policy's JSON card
 
 CAP_INPUT, CAP_OUTPUT = "cap_input", "cap_frac"
+THREAD_INPUT = "thread_input"
 PAIR_INPUT, PAIR_OUTPUT = "pair_input", "pair_score"
 
 CONTEXT_COLUMNS = (
@@ -91,7 +103,7 @@ def _masked_mean(thread: np.ndarray, name: str) -> float:
 
 def empty_pairs() -> np.ndarray:
     """The pair input when no thread is managed (the graph still takes the input)."""
-    return np.zeros((0, len(PAIR_COLUMNS)), dtype=np.float32)
+    return np.zeros((0, len(PAIR_OWN_COLUMNS)), dtype=np.float32)
 
 
 def assign(scores: np.ndarray) -> np.ndarray:
@@ -160,6 +172,59 @@ class CapDecoder:
             for r, khz in zip(rows.tolist(), pick.tolist()):
                 caps[cpus[r]] = int(khz)
         return caps
+
+
+def guard_caps(obs: Observation, cpus: tuple[int, ...], caps_khz: dict[int, int], core: np.ndarray,
+               epoch_s: float | None, guard_c: float, release_band_c: float) -> list[int]:
+    """Make the model's caps safe near each sensor's maximum, in place; returns the CPUs
+    whose cap it lowered below the model's.
+
+    The model imitates a teacher that looks ahead, and a thin die heats by several °C per
+    epoch: half a V/f step of regression error near the limit, or a cap raised fully the
+    epoch after a hot CPU was cut, is enough to cross it. So, per CPU whose sensor reports
+    a maximum ``max_c``, with ``ahead`` = temperature + its rise over one more epoch at
+    the current slope:
+
+    - ``ahead >= max_c - guard_c``: one ladder step below the lower of the model's cap
+      and the current frequency;
+    - ``ahead >= max_c - release_band_c``: the cap may rise at most one step per epoch.
+
+    CPUs without a maximum are left to the model (and, in the daemon, to the shield).
+    """
+    maxima = [r.max_c for r in obs.sensors if r.max_c is not None]
+    if not maxima or not len(cpus):
+        return []
+    band_c = max(guard_c, release_band_c)
+    temp_c = core[:, _CI["temp"]] * TEMP_SCALE_C + TEMP_REF_C
+    rise_c = np.maximum(core[:, _CI["temp_slope"]], 0.0) * SLOPE_SCALE_C_PER_S * (epoch_s or 0.0)
+    ahead_c = np.where(core[:, _CI["temp_missing"]] < 0.5, temp_c + rise_c, -np.inf)
+    flagged = np.flatnonzero(ahead_c >= min(maxima) - band_c)
+    if not flagged.size:
+        return []
+    limits = {(r.sensor.chip, r.sensor.sensor): r.max_c for r in obs.sensors if r.max_c is not None}
+    ladders = ladders_khz(obs)
+    lowered = []
+    for i in flagged.tolist():
+        cpu = cpus[i]
+        st = obs.cpus.get(cpu)
+        src = st.temp.source if st is not None else None
+        limit = limits.get((src.chip, src.sensor)) if src is not None else None
+        ladder = ladders.get(cpu)
+        if limit is None or not ladder or ahead_c[i] < limit - band_c:
+            continue
+        want = caps_khz.get(cpu, ladder[0])
+        if ahead_c[i] >= limit - guard_c:
+            now = min(want, st.freq_khz or ladder[0])
+            below = [f for f in ladder if f < now]
+            new = max(below) if below else min(ladder)
+        else:
+            current = st.cap_khz or ladder[0]
+            above = [f for f in ladder if f > current]
+            new = min(want, min(above) if above else current)
+        if new < want:
+            caps_khz[cpu] = new
+            lowered.append(cpu)
+    return lowered
 
 
 def placement_by_tid(tids: tuple[int, ...], cpus: tuple[int, ...], choice: np.ndarray) -> Mapping[int, int]:

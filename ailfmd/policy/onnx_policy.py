@@ -11,7 +11,8 @@ error naming the file and the problem, one that
   do not match the columns this ailfmd builds.
 
 Each decision: features (:mod:`ailfmd.policy.features`), one onnxruntime run of both
-heads, decoding (:mod:`ailfmd.policy.learned`). Inputs are built and outputs decoded by
+heads, decoding (:mod:`ailfmd.policy.learned`), and a one-step guard near each sensor's
+maximum (``guard_c``, :func:`ailfmd.policy.learned.guard_caps`). Inputs are built and outputs decoded by
 the same code the trainer used.
 """
 
@@ -30,7 +31,7 @@ from ailfmd.errors import AilfmError
 from ailfmd.platform.base import Action, Capabilities, Observation, Topology
 from ailfmd.policy.base import Decision
 from ailfmd.policy.baselines.common import cap_changes, pin_changes
-from ailfmd.policy.feature_schema import FEATURE_SCHEMA, PAIR_COLUMNS
+from ailfmd.policy.feature_schema import FEATURE_SCHEMA, PAIR_COLUMNS, PAIR_OWN_COLUMNS, THREAD_COLUMNS
 from ailfmd.policy.features import FeatureExtractor
 from ailfmd.policy.learned import (
     CAP_COLUMNS,
@@ -40,14 +41,18 @@ from ailfmd.policy.learned import (
     PAIR_INPUT,
     PAIR_OUTPUT,
     POLICY_FORMAT,
+    THREAD_INPUT,
     CapDecoder,
     assign,
     cap_inputs,
+    guard_caps,
     empty_pairs,
     placement_by_tid,
 )
 
 SOURCE = "policy:onnx"
+DEFAULT_GUARD_C = 2.0  # see learned.guard_caps
+DEFAULT_RELEASE_BAND_C = 10.0
 
 
 class PolicyFileError(AilfmError):
@@ -108,7 +113,8 @@ def check_contract(path: str, meta: dict[str, Any], session: Any) -> None:
             raise PolicyFileError(path, f"metadata {key} differ from this ailfmd's columns")
     inputs = {i.name: i.shape for i in session.get_inputs()}
     outputs = {o.name for o in session.get_outputs()}
-    for name, width in ((CAP_INPUT, len(CAP_COLUMNS)), (PAIR_INPUT, len(PAIR_COLUMNS))):
+    for name, width in ((CAP_INPUT, len(CAP_COLUMNS)), (THREAD_INPUT, len(THREAD_COLUMNS)),
+                        (PAIR_INPUT, len(PAIR_OWN_COLUMNS))):
         shape = inputs.get(name)
         if shape is None or len(shape) != 2 or shape[1] != width:
             raise PolicyFileError(path, f"input {name!r} should be [N, {width}], the file has {shape}")
@@ -125,7 +131,8 @@ class OnnxPolicy:
     daemon must not compete with the inference server it protects).
     """
 
-    def __init__(self, path: str | os.PathLike, *, service: bool | None = None, threads: int = 1) -> None:
+    def __init__(self, path: str | os.PathLike, *, service: bool | None = None, threads: int = 1,
+                 guard_c: float | None = DEFAULT_GUARD_C, release_band_c: float = DEFAULT_RELEASE_BAND_C) -> None:
         import onnxruntime as ort
 
         self.path = str(Path(path))
@@ -151,6 +158,9 @@ class OnnxPolicy:
         self._extractor: FeatureExtractor | None = None
         self._prev: Observation | None = None
         self._caps = CapDecoder()
+        self._outputs = [CAP_OUTPUT, PAIR_OUTPUT]
+        self.guard_c = guard_c
+        self.release_band_c = release_band_c
 
     def reset(self, topology: Topology, capabilities: Capabilities) -> None:
         self._extractor = FeatureExtractor(topology)
@@ -163,10 +173,10 @@ class OnnxPolicy:
             raise AilfmError("OnnxPolicy.decide before reset()")
         fs = self._extractor.extract(obs, self._prev)
         self._prev = obs
-        pairs = fs.pair_matrix() if fs.tids else empty_pairs()
+        pairs = fs.pair_own() if fs.tids else empty_pairs()
         cap_out, pair_out = self._session.run(
-            [CAP_OUTPUT, PAIR_OUTPUT],
-            {CAP_INPUT: cap_inputs(fs.core_features, fs.thread_features), PAIR_INPUT: pairs})
+            self._outputs, {CAP_INPUT: cap_inputs(fs.core_features, fs.thread_features),
+                            THREAD_INPUT: fs.thread_features, PAIR_INPUT: pairs})
         cap_frac = np.asarray(cap_out, dtype=np.float32).reshape(-1)
         pair = np.asarray(pair_out, dtype=np.float32).reshape(len(fs.tids), len(fs.cpus))
         if not (np.isfinite(cap_frac).all() and np.isfinite(pair).all()):
@@ -177,10 +187,15 @@ class OnnxPolicy:
         t0 = time.perf_counter()
         fs, cap_frac, pair = self.scores(obs)
         caps_khz = self._caps.decode(obs, fs.cpus, cap_frac)
+        guarded = (guard_caps(obs, fs.cpus, caps_khz, fs.core_features, fs.epoch_s, self.guard_c,
+                              self.release_band_c)
+                   if self.guard_c is not None else [])
         choice = assign(pair)
         placement = placement_by_tid(fs.tids, fs.cpus, choice)
         caps, cap_reasons = cap_changes(
-            obs, caps_khz, SOURCE, lambda cpu, khz: f"model caps cpu {cpu} at {khz // 1000} MHz")
+            obs, caps_khz, SOURCE,
+            lambda cpu, khz: (f"near its sensor's maximum: guarded cap {khz // 1000} MHz"
+                              if cpu in guarded else f"model caps cpu {cpu} at {khz // 1000} MHz"))
         # Score of the chosen CPU, for the reason (higher = the teacher's likelier choice).
         score = {tid: float(pair[i, choice[i]]) for i, tid in enumerate(fs.tids)}
         affinity, pin_reasons = pin_changes(

@@ -22,11 +22,12 @@ from typing import Iterable
 import numpy as np
 
 from ailfmd.policy.feature_schema import PAIR_COLUMNS
-from ailfmd.policy.features import build_pair_matrix
+from ailfmd.policy.features import build_pair_matrix, build_pair_own
 from ailfmd.policy.learned import CAP_COLUMNS, cap_inputs
 from ailfmd.train.recording import read_records
 
 HOLDOUT_EVERY = 10
+CHECK_STEPS = 3
 
 
 @dataclass
@@ -35,7 +36,9 @@ class HeldStep:
 
     cap_x: np.ndarray
     cap_y: np.ndarray
-    pair_x: np.ndarray  # every pair, thread-major
+    thread_x: np.ndarray
+    pair_own: np.ndarray  # the pairs' own columns, thread-major
+    pair_x: np.ndarray  # every whole pair row, thread-major
     core_target: np.ndarray  # per thread, -1 = none
     n_cpus: int
 
@@ -51,6 +54,9 @@ class TrainingData:
     learner_steps: int = 0  # steps where the learner acted (DAgger's own states)
     held: list[HeldStep] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
+    # Whole steps to check the export on: the held-back ones, else the first few
+    # training steps (a tiny data set may hold nothing back).
+    check: list[HeldStep] = field(default_factory=list)
 
     def sha256(self) -> str:
         """A hash of the training matrices (the model card's data hash)."""
@@ -92,15 +98,22 @@ def load_dataset(paths: Iterable[str | Path], negatives: int = 8, seed: int = 0)
             n = cx.shape[0]
             target = a["core_target"]
             full = build_pair_matrix(a["thread"], a["core"], a["last_cpu_index"], a["allowed"], distance)
+            whole = HeldStep(cx, cy, a["thread"],
+                             build_pair_own(a["thread"], a["core"], a["last_cpu_index"], a["allowed"], distance),
+                             full, target, n)
             if _held_back(stem, int(rec.meta["step"])):
-                data.held.append(HeldStep(cx, cy, full, target, n))
+                data.held.append(whole)
                 continue
+            if len(data.check) < CHECK_STEPS:
+                data.check.append(whole)
             known = np.isfinite(cy)
             cap_x.append(cx[known])
             cap_y.append(cy[known])
             rows, labels = _sample_pairs(target, a["last_cpu_index"], n, negatives, rng)
             pair_x.append(full[rows])
             pair_y.append(labels)
+    if data.held:
+        data.check = data.held
     if cap_x:
         data.cap_x, data.cap_y = np.concatenate(cap_x), np.concatenate(cap_y)
     if pair_x:

@@ -18,7 +18,13 @@ from typing import Any
 import numpy as np
 
 from ailfmd.errors import AilfmError
-from ailfmd.policy.feature_schema import FEATURE_SCHEMA, PAIR_COLUMNS
+from ailfmd.policy.feature_schema import (
+    CORE_COLUMNS,
+    FEATURE_SCHEMA,
+    PAIR_COLUMNS,
+    PAIR_OWN_COLUMNS,
+    THREAD_COLUMNS,
+)
 from ailfmd.policy.learned import (
     CAP_COLUMNS,
     CAP_INPUT,
@@ -27,6 +33,7 @@ from ailfmd.policy.learned import (
     PAIR_INPUT,
     PAIR_OUTPUT,
     POLICY_FORMAT,
+    THREAD_INPUT,
 )
 from ailfmd.train.dataset import TrainingData
 
@@ -102,26 +109,69 @@ def _layers(pipe: Any) -> tuple[list[np.ndarray], list[np.ndarray], str, str]:
 
 
 def _mlp_nodes(prefix: str, inp: str, out: str, pipe: Any, helper: Any, numpy_helper: Any,
-               inits: list, nodes: list) -> None:
+               inits: list, nodes: list, first: str | None = None) -> None:
+    """The MLP's layers as nodes. ``first`` names an already computed first-layer
+    pre-activation (the factorised pair head); then layer 0 is not emitted."""
     W, b, act, out_act = _layers(pipe)
     x = inp
+
+    def init(name: str, value: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(value, name))
+        return name
+
     for k, (w, bias) in enumerate(zip(W, b)):
-        wn, bn, mm, add = (f"{prefix}/W{k}", f"{prefix}/b{k}", f"{prefix}/mm{k}", f"{prefix}/z{k}")
-        inits += [numpy_helper.from_array(w.astype(np.float32), wn),
-                  numpy_helper.from_array(bias.astype(np.float32), bn)]
-        nodes += [helper.make_node("MatMul", [x, wn], [mm]), helper.make_node("Add", [mm, bn], [add])]
-        x = add
+        if k == 0 and first is not None:
+            x = first
+        else:
+            wn = init(f"{prefix}/W{k}", w.astype(np.float32))
+            bn = init(f"{prefix}/b{k}", bias.astype(np.float32))
+            nodes += [helper.make_node("MatMul", [x, wn], [f"{prefix}/mm{k}"]),
+                      helper.make_node("Add", [f"{prefix}/mm{k}", bn], [f"{prefix}/z{k}"])]
+            x = f"{prefix}/z{k}"
         if k < len(W) - 1:
             nodes.append(helper.make_node(_ACTIVATIONS[act], [x], [f"{prefix}/h{k}"]))
             x = f"{prefix}/h{k}"
     if out_act == "logistic":
-        nodes.append(helper.make_node("Sigmoid", [x], [f"{prefix}/p"]))
-        x = f"{prefix}/p"
+        nodes.append(helper.make_node("Sigmoid", [x], [f"{prefix}/prob"]))
+        x = f"{prefix}/prob"
     elif out_act != "identity":
         raise TrainingError(f"cannot export output activation {out_act!r}")
-    shape = f"{prefix}/flat"
-    inits.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), shape))
-    nodes.append(helper.make_node("Reshape", [x, shape], [out]))
+    nodes.append(helper.make_node("Reshape", [x, init(f"{prefix}/flat", np.array([-1], dtype=np.int64))], [out]))
+
+
+def _pair_first_layer(pipe: Any, helper: Any, numpy_helper: Any, inits: list, nodes: list) -> str:
+    """Layer 0 of the pair head from its parts: thread rows x W_t (per thread), core rows
+    x W_c (per CPU), pair-own rows x W_p (per pair), broadcast-added to [threads, cpus,
+    hidden] and flattened to [pairs, hidden]. Equal to the whole pair row times W."""
+    W, b, _, _ = _layers(pipe)
+    w0, b0 = W[0], b[0]
+    kt, kc = len(THREAD_COLUMNS), len(CORE_COLUMNS)
+    hidden = w0.shape[1]
+    w_core = np.zeros((len(CAP_COLUMNS), hidden))
+    w_core[:kc] = w0[kt:kt + kc]  # cap_input = core columns then context columns (unused here)
+
+    def init(name: str, value: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(value, name))
+        return name
+
+    mk = helper.make_node
+    nodes += [
+        mk("MatMul", [THREAD_INPUT, init("pair/Wt", w0[:kt].astype(np.float32))], ["pair/t"]),
+        mk("MatMul", [CAP_INPUT, init("pair/Wc", w_core.astype(np.float32))], ["pair/c0"]),
+        mk("Add", ["pair/c0", init("pair/b0", b0.astype(np.float32))], ["pair/c"]),
+        mk("MatMul", [PAIR_INPUT, init("pair/Wp", w0[kt + kc:].astype(np.float32))], ["pair/p"]),
+        mk("Shape", [THREAD_INPUT], ["pair/m"], start=0, end=1),
+        mk("Shape", [CAP_INPUT], ["pair/n"], start=0, end=1),
+        mk("Concat", ["pair/m", "pair/n", init("pair/h", np.array([hidden], dtype=np.int64))], ["pair/mnh"],
+           axis=0),
+        mk("Reshape", ["pair/p", "pair/mnh"], ["pair/p3"]),
+        mk("Unsqueeze", ["pair/t", init("pair/ax1", np.array([1], dtype=np.int64))], ["pair/t3"]),
+        mk("Unsqueeze", ["pair/c", init("pair/ax0", np.array([0], dtype=np.int64))], ["pair/c3"]),
+        mk("Add", ["pair/p3", "pair/t3"], ["pair/pt"]),
+        mk("Add", ["pair/pt", "pair/c3"], ["pair/z3"]),
+        mk("Reshape", ["pair/z3", init("pair/flat_h", np.array([-1, hidden], dtype=np.int64))], ["pair/z0"]),
+    ]
+    return "pair/z0"
 
 
 def export_onnx(heads: FittedHeads, metadata: dict[str, Any]) -> bytes:
@@ -133,10 +183,11 @@ def export_onnx(heads: FittedHeads, metadata: dict[str, Any]) -> bytes:
     nodes: list = []
     _mlp_nodes("cap", CAP_INPUT, CAP_OUTPUT, heads.cap, helper, numpy_helper, inits, nodes)
     if heads.pair is not None:
-        _mlp_nodes("pair", PAIR_INPUT, PAIR_OUTPUT, heads.pair, helper, numpy_helper, inits, nodes)
+        first = _pair_first_layer(heads.pair, helper, numpy_helper, inits, nodes)
+        _mlp_nodes("pair", PAIR_INPUT, PAIR_OUTPUT, heads.pair, helper, numpy_helper, inits, nodes, first)
     else:
         # Constant scorer: the "on_core" pair column (1 on the thread's CPU) is the score.
-        on_core = PAIR_COLUMNS.index("pair.on_core")
+        on_core = PAIR_OWN_COLUMNS.index("on_core")
         inits.append(numpy_helper.from_array(np.array([on_core], dtype=np.int64), "pair/col"))
         nodes.append(helper.make_node("Gather", [PAIR_INPUT, "pair/col"], ["pair/g"], axis=1))
         inits.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), "pair/flat"))
@@ -144,7 +195,8 @@ def export_onnx(heads: FittedHeads, metadata: dict[str, Any]) -> bytes:
     graph = helper.make_graph(
         nodes, "ailfmd_policy",
         [helper.make_tensor_value_info(CAP_INPUT, TensorProto.FLOAT, ["n_cpus", len(CAP_COLUMNS)]),
-         helper.make_tensor_value_info(PAIR_INPUT, TensorProto.FLOAT, ["n_pairs", len(PAIR_COLUMNS)])],
+         helper.make_tensor_value_info(THREAD_INPUT, TensorProto.FLOAT, ["n_threads", len(THREAD_COLUMNS)]),
+         helper.make_tensor_value_info(PAIR_INPUT, TensorProto.FLOAT, ["n_pairs", len(PAIR_OWN_COLUMNS)])],
         [helper.make_tensor_value_info(CAP_OUTPUT, TensorProto.FLOAT, ["n_cpus"]),
          helper.make_tensor_value_info(PAIR_OUTPUT, TensorProto.FLOAT, ["n_pairs"])],
         inits)
@@ -152,7 +204,8 @@ def export_onnx(heads: FittedHeads, metadata: dict[str, Any]) -> bytes:
                               producer_name="ailfm train")
     model.ir_version = 8  # readable by onnxruntime >= 1.14
     full = {"format": POLICY_FORMAT, "feature_schema": FEATURE_SCHEMA, "cap_columns": list(CAP_COLUMNS),
-            "pair_columns": list(PAIR_COLUMNS), "model": {"cap_hidden": list(heads.config.cap_hidden),
+            "pair_columns": list(PAIR_COLUMNS), "pair_own_columns": list(PAIR_OWN_COLUMNS),
+            "thread_columns": list(THREAD_COLUMNS), "model": {"cap_hidden": list(heads.config.cap_hidden),
             "pair_hidden": list(heads.config.pair_hidden), **{k: v for k, v in asdict(heads.config).items()
                                                              if k not in ("cap_hidden", "pair_hidden")}},
             **metadata}
@@ -188,33 +241,40 @@ def predict_reference(heads: FittedHeads, cap_x: np.ndarray, pair_x: np.ndarray)
     return np.asarray(cap, dtype=float), np.asarray(pair, dtype=float)
 
 
-def run_onnx(model_bytes: bytes, cap_x: np.ndarray, pair_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def run_onnx(model_bytes: bytes, steps: list[Any]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(cap fractions, pair scores) of the ONNX graph for each whole step."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     sess = ort.InferenceSession(model_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
-    cap, pair = sess.run([CAP_OUTPUT, PAIR_OUTPUT], {CAP_INPUT: cap_x.astype(np.float32),
-                                                     PAIR_INPUT: pair_x.astype(np.float32)})
-    return np.asarray(cap, dtype=float), np.asarray(pair, dtype=float)
+    out = []
+    for h in steps:
+        cap, pair = sess.run([CAP_OUTPUT, PAIR_OUTPUT], {
+            CAP_INPUT: h.cap_x.astype(np.float32), THREAD_INPUT: h.thread_x.astype(np.float32),
+            PAIR_INPUT: h.pair_own.astype(np.float32)})
+        out.append((np.asarray(cap, dtype=float), np.asarray(pair, dtype=float)))
+    return out
 
 
 def verify_export(heads: FittedHeads, model_bytes: bytes, data: TrainingData) -> dict[str, float]:
-    """Largest difference between the ONNX graph and scikit-learn on the held-back steps
-    (the training rows when nothing was held back). Raises when over the tolerance."""
-    if data.held:
-        cap_x = np.concatenate([h.cap_x for h in data.held])
-        pair_x = np.concatenate([h.pair_x for h in data.held])
-    else:
-        cap_x, pair_x = data.cap_x[:4096], data.pair_x[:4096]
-    ref_cap, ref_pair = predict_reference(heads, cap_x, pair_x)
-    got_cap, got_pair = run_onnx(model_bytes, cap_x, pair_x)
-    diff = {"cap_max_abs_diff": float(np.max(np.abs(ref_cap - got_cap), initial=0.0)),
-            "pair_max_abs_diff": float(np.max(np.abs(ref_pair - got_pair), initial=0.0)),
-            "rows_checked": float(len(cap_x) + len(pair_x))}
-    if max(diff["cap_max_abs_diff"], diff["pair_max_abs_diff"]) > EXPORT_TOLERANCE:
-        raise TrainingError(f"the ONNX export differs from the trained model by "
-                            f"{max(diff['cap_max_abs_diff'], diff['pair_max_abs_diff']):.3g} "
+    """Largest difference between the ONNX graph and scikit-learn on the check steps
+    (held back, else the first training steps). Raises when over the tolerance."""
+    steps = data.check
+    if not steps:
+        raise TrainingError("no whole step to check the export on")
+    got = run_onnx(model_bytes, steps)
+    cap_diff = pair_diff = 0.0
+    rows = 0
+    for h, (got_cap, got_pair) in zip(steps, got):
+        ref_cap, ref_pair = predict_reference(heads, h.cap_x, h.pair_x)
+        cap_diff = max(cap_diff, float(np.max(np.abs(ref_cap - got_cap), initial=0.0)))
+        pair_diff = max(pair_diff, float(np.max(np.abs(ref_pair - got_pair), initial=0.0)))
+        rows += len(h.cap_x) + len(h.pair_x)
+    diff = {"cap_max_abs_diff": cap_diff, "pair_max_abs_diff": pair_diff, "rows_checked": float(rows),
+            "steps_checked": float(len(steps))}
+    if max(cap_diff, pair_diff) > EXPORT_TOLERANCE:
+        raise TrainingError(f"the ONNX export differs from the trained model by {max(cap_diff, pair_diff):.3g} "
                             f"(tolerance {EXPORT_TOLERANCE:g})")
     return diff
 
@@ -228,8 +288,7 @@ def imitation_scores(model_bytes: bytes, data: TrainingData) -> dict[str, float]
         return {}
     cap_err: list[float] = []
     agree = total = 0
-    for h in data.held:
-        cap, pair = run_onnx(model_bytes, h.cap_x, h.pair_x)
+    for h, (cap, pair) in zip(data.held, run_onnx(model_bytes, data.held)):
         known = np.isfinite(h.cap_y)
         cap_err.extend(np.abs(np.clip(cap[known], 0, 1) - h.cap_y[known]).tolist())
         m = len(h.core_target)

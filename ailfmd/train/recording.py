@@ -17,7 +17,6 @@ from __future__ import annotations
 import fcntl
 import json
 import math
-import mmap
 import os
 import struct
 import zlib
@@ -125,58 +124,76 @@ def _head(payload: bytes, where: str) -> tuple[dict[str, Any], int]:
     return head, 4 + n
 
 
-def _valid_payload(mm: mmap.mmap, off: int) -> bytes | None:
+@dataclass(frozen=True)
+class _Source:
+    """A recording open for reading, up to the size it had when opened. pread, not mmap: a
+    writer may cut a torn tail meanwhile, and touching a mapping past the new end is SIGBUS."""
+
+    fd: int
+    size: int
+
+    def read(self, off: int, n: int) -> bytes:
+        return os.pread(self.fd, max(0, min(n, self.size - off)), off)
+
+    def tags(self, start: int, chunk: int = 1 << 20) -> Iterator[int]:
+        """Offsets of every TAG from ``start`` on; chunks overlap by a byte as a tag may straddle two."""
+        for pos in range(start, self.size, chunk):
+            buf = self.read(pos, chunk + 1)
+            i = buf.find(TAG)
+            while 0 <= i < chunk:
+                yield pos + i
+                i = buf.find(TAG, i + 1)
+
+
+def _valid_payload(src: _Source, off: int) -> bytes | None:
     """The payload of an intact record framed at ``off``, else None."""
-    if off + _FRAME.size > len(mm):
+    frame = src.read(off, _FRAME.size)
+    if len(frame) < _FRAME.size:
         return None
-    tag, length, crc = _FRAME.unpack_from(mm, off)
-    end = off + _FRAME.size + length
-    if tag != TAG or length > MAX_PAYLOAD_BYTES or end > len(mm):
+    tag, length, crc = _FRAME.unpack(frame)
+    if tag != TAG or length > MAX_PAYLOAD_BYTES or off + _FRAME.size + length > src.size:
         return None
-    payload = mm[off + _FRAME.size : end]
-    return payload if zlib.crc32(payload) == crc else None
+    payload = src.read(off + _FRAME.size, length)
+    return payload if len(payload) == length and zlib.crc32(payload) == crc else None
 
 
 @contextmanager
-def _records(path: str | os.PathLike[str]) -> Iterator[tuple[str, mmap.mmap, dict[str, Any], Iterator[Any]]]:
-    """(path, mapping, header meta, iterator of (index, offset, payload)): a torn tail ends
+def _records(path: str | os.PathLike[str]) -> Iterator[tuple[str, _Source, dict[str, Any], Iterator[Any]]]:
+    """(path, source, header meta, iterator of (index, offset, payload)): a torn tail ends
     the iterator with payload None; corruption anywhere raises."""
     p = os.fspath(path)
     try:
-        with open(p, "rb") as f:
-            if os.fstat(f.fileno()).st_size == 0:
-                raise RecordingError(f"{p}: empty file, not a recording")
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        f = open(p, "rb")
     except OSError as e:
         raise RecordingError(f"{p}: cannot read: {e.strerror}") from None
-    try:
-        if mm[: len(MAGIC)] != MAGIC:
-            raise RecordingError(f"{p}: not a recording (bad magic {mm[: len(MAGIC)]!r})")
-        if (payload := _valid_payload(mm, len(MAGIC))) is None:
+    with f:
+        src = _Source(f.fileno(), os.fstat(f.fileno()).st_size)
+        if src.size == 0:
+            raise RecordingError(f"{p}: empty file, not a recording")
+        if (magic := src.read(0, len(MAGIC))) != MAGIC:
+            raise RecordingError(f"{p}: not a recording (bad magic {magic!r})")
+        if (payload := _valid_payload(src, len(MAGIC))) is None:
             raise RecordingError(f"{p}: header record at byte {len(MAGIC)} is missing or damaged")
         head, _ = _head(payload, f"{p}: header record at byte {len(MAGIC)}")
         if head["kind"] != "header" or head["meta"].get("format") != RECORDING_FORMAT:
             raise RecordingError(f"{p}: unsupported format {head['meta'].get('format')!r} (want {RECORDING_FORMAT})")
-        yield p, mm, head["meta"], _scan(mm, p, len(MAGIC) + _FRAME.size + len(payload))
-    finally:
-        mm.close()
+        yield p, src, head["meta"], _scan(src, p, len(MAGIC) + _FRAME.size + len(payload))
 
 
-def _scan(mm: mmap.mmap, p: str, off: int) -> Iterator[tuple[int, int, bytes | None]]:
+def _scan(src: _Source, p: str, off: int) -> Iterator[tuple[int, int, bytes | None]]:
     index = 1  # the header is record #0
-    while (payload := _valid_payload(mm, off)) is not None:
+    while (payload := _valid_payload(src, off)) is not None:
         yield index, off, payload
         index, off = index + 1, off + _FRAME.size + len(payload)
-    if off == len(mm):
+    if off == src.size:
         return
-    tag, length, _ = _FRAME.unpack_from(mm, off) if off + _FRAME.size <= len(mm) else (b"", 0, 0)
+    frame = src.read(off, _FRAME.size)
+    tag, length, _ = _FRAME.unpack(frame) if len(frame) == _FRAME.size else (b"", 0, 0)
     if tag == TAG and length > MAX_PAYLOAD_BYTES:  # the writer never writes one, so it is no torn tail
         raise RecordingError(f"{p}: corrupt record #{index} at byte {off}: length {length} exceeds {MAX_PAYLOAD_BYTES}")
-    pos = mm.find(TAG, off + 1)  # a crash damages only the end: an intact record further on means corruption
-    while pos != -1:
-        if _valid_payload(mm, pos) is not None:
+    for pos in src.tags(off + 1):  # a crash damages only the end: an intact record further on is corruption
+        if _valid_payload(src, pos) is not None:
             raise RecordingError(f"{p}: corrupt record #{index} at byte {off} (an intact record follows at byte {pos})")
-        pos = mm.find(TAG, pos + 1)
     yield index, off, None
 
 
@@ -188,11 +205,11 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def read_records(path: str | os.PathLike[str], *, strict: bool = False) -> Iterator[Record]:
     """Every complete record after the header. A torn tail ends iteration (raises if ``strict``)."""
-    with _records(path) as (p, mm, _, scan):
+    with _records(path) as (p, src, _, scan):
         for index, off, payload in scan:
             if payload is None:
                 if strict:
-                    raise RecordingError(f"{p}: record #{index} at byte {off} is torn ({len(mm) - off} bytes)")
+                    raise RecordingError(f"{p}: record #{index} at byte {off} is torn ({src.size - off} bytes)")
                 return
             head, start = _head(payload, f"{p}: record #{index} at byte {off}")
             arrays = {}
@@ -208,16 +225,16 @@ def summarize(path: str | os.PathLike[str]) -> RecordingSummary:
     by_kind: dict[str, int] = {}
     shapes: dict[str, list[int]] | None = None
     torn = 0
-    with _records(path) as (p, mm, header, scan):
+    with _records(path) as (p, src, header, scan):
         for index, off, payload in scan:
             if payload is None:
-                torn = len(mm) - off
+                torn = src.size - off
                 break
             head, _ = _head(payload, f"{p}: record #{index} at byte {off}")
             by_kind[head["kind"]] = by_kind.get(head["kind"], 0) + 1
             if shapes is None and head["kind"] == "step":
                 shapes = {a["name"]: list(a["shape"]) for a in head["arrays"]}
-        return RecordingSummary(p, header, sum(by_kind.values()), by_kind, len(mm), torn, shapes or {})
+        return RecordingSummary(p, header, sum(by_kind.values()), by_kind, src.size, torn, shapes or {})
 
 
 def render_summary(summary: RecordingSummary) -> str:
@@ -280,8 +297,8 @@ class RecordWriter:
             os.close(dfd)
 
     def _resume(self, header: dict[str, Any] | None) -> None:
-        with _records(self.path) as (_, mm, stored, scan):
-            end = next((off for _, off, payload in scan if payload is None), len(mm))
+        with _records(self.path) as (_, src, stored, scan):
+            end = next((off for _, off, payload in scan if payload is None), src.size)
         if header is not None:
             given = json.loads(_json_bytes({"meta": header}, f"{self.path}: header"))["meta"]
             keys = (given.keys() | stored.keys()) - {"format"}

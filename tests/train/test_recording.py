@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from childproc import start_child, stop_child
 
 from ailfmd.train.recording import (
     MAGIC,
@@ -24,8 +25,6 @@ from ailfmd.train.recording import (
     render_summary,
     summarize,
 )
-
-from childproc import start_child, stop_child
 
 HEADER = {"chip": "sim-8c", "policy": "oracle", "seed": 7}
 
@@ -352,3 +351,36 @@ def test_render_summary_and_record_as_json(tmp_path: Path) -> None:
     assert dumped["arrays"]["mask"]["values"] == [True, False, True]
     odd = Record("step", {}, {"x": np.array([np.nan, np.inf, 1.0])})
     assert record_as_json(odd)["arrays"]["x"]["values"] == ["nan", "inf", 1.0]
+
+
+@pytest.mark.parametrize("delta", [-1, 0, 1])
+def test_corruption_found_across_read_chunks(tmp_path: Path, delta: int) -> None:
+    # The search for an intact record after a damaged one reads 1 MiB chunks starting just
+    # after the damage; with delta 0 the next record's tag straddles two chunks.
+    def write(path: Path, pad: int) -> tuple[int, int]:
+        with RecordWriter(path) as w:
+            w.append("run")
+            damaged = w.append("step", {}, {"pad": np.zeros(pad, np.uint8)})
+            return damaged, w.append("end")
+
+    damaged, after = write(tmp_path / "probe.rec", 1_040_000)
+    path = tmp_path / "big.rec"
+    damaged, after = write(path, 1_040_000 + (1 << 20) + delta - (after - damaged))
+    assert after - damaged == (1 << 20) + delta
+    with open(path, "r+b") as f:
+        f.seek(damaged + 100)
+        f.write(b"\xff")
+    with pytest.raises(RecordingError, match=f"byte {damaged} .*byte {after}"):
+        summarize(path)
+
+
+def test_reader_survives_a_writer_cutting_the_tail(tmp_path: Path) -> None:
+    path = tmp_path / "run.rec"
+    _write_sample(path)
+    with open(path, "ab") as f:  # a record of 4 MiB of which 3 MiB made it to disk
+        f.write(b"RC" + struct.pack("<II", 4 << 20, 0) + bytes(3 << 20))
+    reader = read_records(path)
+    first = next(reader)
+    with RecordWriter(path) as w:
+        assert w.repaired_bytes == 10 + (3 << 20)
+    assert [first.kind, *(r.kind for r in reader)] == ["run", "step", "step", "step", "end"]

@@ -1,0 +1,105 @@
+"""Cost of one learned-policy decision, and how much cheaper it is than the oracle's.
+
+Run: ``OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/bench_decision.py [--policy policies/default.onnx]``
+
+1. **64 CPUs x 64 threads**: ``OnnxPolicy.decide`` (features, one onnxruntime run of both
+   heads on 64 cap rows and 4096 pair rows, cap snapping, placement, reasons) on
+   synthetic observations of the ``3d-64`` chip with every counter present
+   (``bench_features.observation``), alternating two observations so slopes are live.
+2. **Same states as the oracle**: a ``decode-heavy`` run on ``3d-64`` driven by the oracle;
+   at every epoch both the oracle and the learned policy decide on the same observation.
+   Prints both costs and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_features import observation  # noqa: E402
+
+from ailfmd.lab.run import Scenario, run_scenario  # noqa: E402
+from ailfmd.policy.onnx_policy import OnnxPolicy  # noqa: E402
+from ailfmd.policy.oracle import Oracle  # noqa: E402
+from ailfmd.sim.chip import load_chip  # noqa: E402
+from ailfmd.sim.platform import SimPlatform  # noqa: E402
+from ailfmd.sim.workload import load_workload  # noqa: E402
+
+
+def percentiles(samples_ns: list[float]) -> str:
+    a = np.array(samples_ns) / 1e3
+    return f"median {np.median(a):.0f} µs, p99 {np.percentile(a, 99):.0f} µs, max {a.max():.0f} µs"
+
+
+def synthetic(policy_path: str, threads: int, repeat: int) -> None:
+    chip = load_chip("3d-64")
+    topo = SimPlatform(chip, load_workload("tiny-test"), seed=1).topology()
+    policy = OnnxPolicy(policy_path, service=False)
+    policy.reset(topo, None)  # type: ignore[arg-type]
+    rng = np.random.default_rng(7)
+    obs = [observation(chip.n_cores, threads, 10.0 + 0.1 * i, rng) for i in range(2)]
+    for i in range(50):  # warm-up: onnxruntime allocates on the first runs
+        policy.decide(obs[i % 2])
+    samples = []
+    for i in range(repeat):
+        o = obs[i % 2]
+        t0 = time.perf_counter_ns()
+        policy.decide(o)
+        samples.append(time.perf_counter_ns() - t0)
+    print(f"decide, {chip.n_cores} CPUs x {threads} threads, {repeat} decisions: {percentiles(samples)}")
+
+
+def same_states(policy_path: str, seconds: float) -> None:
+    chip, workload = load_chip("3d-64"), load_workload("decode-heavy")
+    scenario = Scenario(chip, workload, 0, seconds)
+    learned = OnnxPolicy(policy_path, service=False)
+    oracle_ns: list[float] = []
+    learned_ns: list[float] = []
+    holder: dict[str, object] = {}
+
+    class Timed:
+        name = "oracle"
+
+        def __init__(self, platform: SimPlatform) -> None:
+            self.oracle = Oracle(platform, epoch_s=scenario.epoch_s)
+
+        def reset(self, topology, capabilities) -> None:
+            self.oracle.reset(topology, capabilities)
+            learned.reset(topology, capabilities)
+
+        def decide(self, obs):
+            t0 = time.perf_counter_ns()
+            learned.decide(obs)
+            t1 = time.perf_counter_ns()
+            d = self.oracle.decide(obs)
+            t2 = time.perf_counter_ns()
+            learned_ns.append(t1 - t0)
+            oracle_ns.append(t2 - t1)
+            return d
+
+    run_scenario(scenario, lambda p: holder.setdefault("p", Timed(p)))  # type: ignore[arg-type]
+    ratio = np.mean(oracle_ns) / np.mean(learned_ns)
+    print(f"same {len(oracle_ns)} states of 3d-64/decode-heavy: learned {percentiles(learned_ns)}; "
+          f"oracle mean {np.mean(oracle_ns) / 1e6:.1f} ms; oracle / learned = {ratio:.0f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--policy", default=str(Path(__file__).resolve().parents[1] / "policies" / "default.onnx"))
+    ap.add_argument("--threads", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=3000)
+    ap.add_argument("--seconds", type=float, default=10.0, help="simulated seconds of the oracle run")
+    args = ap.parse_args()
+    synthetic(args.policy, args.threads, args.repeat)
+    same_states(args.policy, args.seconds)
+
+
+if __name__ == "__main__":
+    main()
