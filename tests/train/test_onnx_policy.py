@@ -147,3 +147,39 @@ def test_nan_from_the_model_is_an_error_not_an_action(quick_training, tmp_path: 
     policy.reset(plat.topology(), plat.capabilities())
     with pytest.raises(Exception, match="NaN"):
         policy.decide(plat.observe())
+
+
+@pytest.mark.parametrize("machine", ["xeon-2s-ht", "vm-bare"])
+def test_decides_on_a_real_linux_layout(quick_training, machine: str, machine_sys, tmp_path: Path) -> None:
+    """Trained on the simulator, run on a Linux fixture tree with a real multi-threaded
+    process: the masks carry what Linux cannot measure, and the decision is well formed."""
+    import time
+
+    from childproc import THREADS_CHILD, child_process
+
+    from ailfmd.platform.linux.platform import LinuxPlatform
+    from ailfmd.platform.linux.targets import TargetSelector
+
+    out, _ = quick_training
+    policy = OnnxPolicy(out / "policy.onnx", service=False)
+    with child_process(THREADS_CHILD, "") as (proc, words):
+        plat = LinuxPlatform(sysfs_root=machine_sys(machine), run_dir=tmp_path / "run",
+                             targets=TargetSelector(pids=(proc.pid,)))
+        try:
+            policy.reset(plat.topology(), plat.capabilities())
+            policy.decide(plat.observe())
+            time.sleep(0.02)
+            obs = plat.observe()
+            decision = policy.decide(obs)
+        finally:
+            plat.close()
+    tids = {int(w) for w in words}
+    assert tids <= set(obs.threads)
+    online = set(plat.topology().online_cpus)
+    for ref, cpus in decision.action.affinity.items():
+        assert len(cpus) == 1 and cpus <= online
+    for cpu, khz in decision.action.freq_cap_khz.items():
+        st = obs.cpus[cpu]
+        assert st.hw_min_khz <= khz <= st.hw_max_khz
+    if machine == "vm-bare":  # no cpufreq: nothing to cap
+        assert decision.action.freq_cap_khz == {}
