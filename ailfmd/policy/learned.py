@@ -109,24 +109,32 @@ def empty_pairs() -> np.ndarray:
 def assign(scores: np.ndarray) -> np.ndarray:
     """Each thread's CPU index from ``scores[n_threads, n_cpus]``, one thread per CPU.
 
-    Threads whose best CPU nobody else wants get it at once; otherwise threads pick in
-    order of their best score, each taking its best free CPU. With more threads than
-    CPUs, a new round starts once every CPU is taken (CPUs are shared evenly).
+    In rounds: every unplaced thread asks for its best free CPU, and each CPU asked for
+    goes to the thread that scores it highest; the others ask again among the CPUs still
+    free. Usually one or two rounds, each a few array operations. With more threads than
+    CPUs, a new pass starts once every CPU is taken (CPUs are shared evenly).
     """
     m, n = scores.shape
+    out = np.full(m, -1, dtype=np.intp)
     if m == 0 or n == 0:
         return np.zeros(0, dtype=np.intp)
-    best = scores.argmax(axis=1)
-    if m <= n and np.unique(best).size == m:
-        return best
-    out = np.empty(m, dtype=np.intp)
-    taken = np.zeros(n, dtype=bool)
-    for i in np.argsort(-scores.max(axis=1), kind="stable"):
-        if taken.all():
-            taken[:] = False
-        j = int(np.where(taken, -np.inf, scores[i]).argmax())
-        out[i] = j
-        taken[j] = True
+    free = np.ones(n, dtype=bool)
+    left = np.arange(m)
+    while left.size:
+        if not free.any():
+            free[:] = True
+        masked = np.where(free, scores[left], -np.inf)
+        want = masked.argmax(axis=1)
+        score = masked[np.arange(left.size), want]
+        # Highest score first; np.unique keeps the first thread asking for each CPU.
+        order = np.argsort(-score, kind="stable")
+        cpus, first = np.unique(want[order], return_index=True)
+        winners = order[first]
+        out[left[winners]] = cpus
+        free[cpus] = False
+        keep = np.ones(left.size, dtype=bool)
+        keep[winners] = False
+        left = left[keep]
     return out
 
 
@@ -172,6 +180,28 @@ class CapDecoder:
             for r, khz in zip(rows.tolist(), pick.tolist()):
                 caps[cpus[r]] = int(khz)
         return caps
+
+
+CAP_GROUPINGS = ("cpu", "die-median", "die-max", "die-min")
+
+
+def group_caps(cap_frac: np.ndarray, core: np.ndarray, grouping: str) -> np.ndarray:
+    """One cap per die (CPUs at the same distance from the sink) instead of one per CPU.
+
+    The teacher's caps are uniform or one level per die; per-CPU regression scatters
+    around them. ``die-median`` (robust), ``die-max`` and ``die-min`` take that statistic
+    of the die's predictions; ``cpu`` keeps them as they are. On a machine without a die
+    stack every CPU is on "die 0", so the cap becomes chip-wide.
+    """
+    if grouping == "cpu" or cap_frac.size == 0:
+        return cap_frac
+    reduce = {"die-median": np.median, "die-max": np.max, "die-min": np.min}[grouping]
+    dist = core[:, _CI["sink_distance"]]
+    out = np.empty_like(cap_frac)
+    for d in np.unique(dist):
+        same = dist == d
+        out[same] = reduce(cap_frac[same])
+    return out
 
 
 def guard_caps(obs: Observation, cpus: tuple[int, ...], caps_khz: dict[int, int], core: np.ndarray,

@@ -43,8 +43,10 @@ from ailfmd.policy.learned import (
     POLICY_FORMAT,
     THREAD_INPUT,
     CapDecoder,
+    CAP_GROUPINGS,
     assign,
     cap_inputs,
+    group_caps,
     guard_caps,
     empty_pairs,
     placement_by_tid,
@@ -132,7 +134,8 @@ class OnnxPolicy:
     """
 
     def __init__(self, path: str | os.PathLike, *, service: bool | None = None, threads: int = 1,
-                 guard_c: float | None = DEFAULT_GUARD_C, release_band_c: float = DEFAULT_RELEASE_BAND_C) -> None:
+                 guard_c: float | None = DEFAULT_GUARD_C, release_band_c: float = DEFAULT_RELEASE_BAND_C,
+                 cap_grouping: str | None = None) -> None:
         import onnxruntime as ort
 
         self.path = str(Path(path))
@@ -161,6 +164,10 @@ class OnnxPolicy:
         self._outputs = [CAP_OUTPUT, PAIR_OUTPUT]
         self.guard_c = guard_c
         self.release_band_c = release_band_c
+        grouping = cap_grouping or self.metadata.get("decoding", {}).get("cap_grouping", "cpu")
+        if grouping not in CAP_GROUPINGS:
+            raise PolicyFileError(self.path, f"cap grouping {grouping!r} is not one of {CAP_GROUPINGS}")
+        self.cap_grouping = grouping
 
     def reset(self, topology: Topology, capabilities: Capabilities) -> None:
         self._extractor = FeatureExtractor(topology)
@@ -186,7 +193,7 @@ class OnnxPolicy:
     def decide(self, obs: Observation) -> Decision:
         t0 = time.perf_counter()
         fs, cap_frac, pair = self.scores(obs)
-        caps_khz = self._caps.decode(obs, fs.cpus, cap_frac)
+        caps_khz = self._caps.decode(obs, fs.cpus, group_caps(cap_frac, fs.core_features, self.cap_grouping))
         guarded = (guard_caps(obs, fs.cpus, caps_khz, fs.core_features, fs.epoch_s, self.guard_c,
                               self.release_band_c)
                    if self.guard_c is not None else [])

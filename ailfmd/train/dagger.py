@@ -54,6 +54,9 @@ class TrainConfig:
     duration_s: float = 12.0
     rounds: int = 3  # DAgger rounds after behaviour cloning
     beta_decay: float = 0.5
+    # The teacher's distance below DTM. Wider than the oracle's own 1 °C default: the
+    # learner cannot see arrivals coming, and its imitation error must land below DTM.
+    oracle_margin_c: float = 1.0
     negatives: int = 8
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -93,7 +96,8 @@ def round_specs(config: TrainConfig, r: int, learner: str | None) -> list[Episod
             for e in range(config.episodes_per_workload):
                 seed = config.seed * 1_000_000 + r * 1000 + ci * 100 + wi * 10 + e
                 out.append(EpisodeSpec(chip, workload, seed, config.duration_s, beta=beta, round=r,
-                                       learner=learner if beta < 1.0 else None))
+                                       learner=learner if beta < 1.0 else None,
+                                       margin_c=config.oracle_margin_c))
     return out
 
 

@@ -7,7 +7,15 @@ import pytest
 
 from ailfmd.policy.feature_schema import CORE_COLUMNS, THREAD_COLUMNS
 from ailfmd.policy.features import FeatureExtractor
-from ailfmd.policy.learned import CAP_COLUMNS, CONTEXT_COLUMNS, CapDecoder, assign, cap_inputs
+from ailfmd.policy.learned import (
+    CAP_COLUMNS,
+    CONTEXT_COLUMNS,
+    CapDecoder,
+    assign,
+    cap_inputs,
+    group_caps,
+    guard_caps,
+)
 from ailfmd.sim.chip import load_chip
 from ailfmd.sim.platform import SimPlatform
 from ailfmd.sim.workload import load_workload
@@ -85,3 +93,63 @@ def test_cap_inputs_without_temperatures_use_zero_context() -> None:
     x = cap_inputs(core, np.zeros((0, len(THREAD_COLUMNS)), dtype=np.float32))
     assert np.isfinite(x).all()
     assert (x[:, len(CORE_COLUMNS):] == 0).all()
+
+
+def test_group_caps_gives_one_cap_per_die() -> None:
+    core = np.zeros((6, len(CORE_COLUMNS)), dtype=np.float32)
+    core[:, C["sink_distance"]] = [0, 0, 0, 1, 1, 1]
+    frac = np.array([0.5, 0.9, 0.6, 0.2, 0.4, 0.3], dtype=np.float32)
+    assert group_caps(frac, core, "cpu").tolist() == pytest.approx(frac.tolist())
+    assert group_caps(frac, core, "die-median").tolist() == pytest.approx([0.6] * 3 + [0.3] * 3)
+    assert group_caps(frac, core, "die-max").tolist() == pytest.approx([0.9] * 3 + [0.4] * 3)
+    assert group_caps(frac, core, "die-min").tolist() == pytest.approx([0.5] * 3 + [0.2] * 3)
+
+
+def _hot_observation(temp_c: float, slope_c_per_s: float, cap_khz: int, freq_khz: int):
+    """A simulated observation with CPU 0 forced to ``temp_c`` (and a slope via prev)."""
+    from dataclasses import replace
+
+    plat, obs = _observation()
+    ext = FeatureExtractor(plat.topology())
+    st = obs.cpus[0]
+    prev_cpus = dict(obs.cpus)
+    prev_cpus[0] = replace(st, temp=replace(st.temp, temp_c=temp_c - slope_c_per_s * 0.1))
+    prev = replace(obs, cpus=prev_cpus, time_s=obs.time_s - 0.1)
+    cpus = dict(obs.cpus)
+    cpus[0] = replace(st, temp=replace(st.temp, temp_c=temp_c), cap_khz=cap_khz, freq_khz=freq_khz)
+    now = replace(obs, cpus=cpus)
+    ext.extract(prev)
+    return plat, now, ext.extract(now, prev)
+
+
+def test_guard_steps_down_near_the_sensor_maximum() -> None:
+    plat, obs, fs = _hot_observation(temp_c=79.0, slope_c_per_s=0.0, cap_khz=4_000_000, freq_khz=3_000_000)
+    ladder = sorted(int(f) for f in plat.engine.levels.freq_khz)
+    limit = next(r.max_c for r in obs.sensors if r.sensor == obs.cpus[0].temp.source)
+    assert limit == pytest.approx(80.0)
+    caps = {c: ladder[-1] for c in fs.cpus}
+    lowered = guard_caps(obs, fs.cpus, caps, fs.core_features, 0.1, guard_c=2.0, release_band_c=10.0)
+    # One step below the current 3 GHz (lower than the model's 4 GHz).
+    assert lowered == [0] and caps[0] == max(f for f in ladder if f < 3_000_000)
+    assert all(caps[c] == ladder[-1] for c in fs.cpus[1:] if obs.cpus[c].temp.temp_c < 70.0)
+
+
+def test_guard_sees_a_fast_rise_coming() -> None:
+    # 74 °C rising at 40 °C/s: 78 °C after one more epoch, inside the 2 °C guard.
+    plat, obs, fs = _hot_observation(temp_c=74.0, slope_c_per_s=40.0, cap_khz=2_000_000, freq_khz=2_000_000)
+    caps = {c: 4_000_000 for c in fs.cpus}
+    guard_caps(obs, fs.cpus, caps, fs.core_features, 0.1, guard_c=2.0, release_band_c=10.0)
+    assert caps[0] < 2_000_000
+
+
+def test_guard_releases_one_step_at_a_time_in_the_band() -> None:
+    plat, obs, fs = _hot_observation(temp_c=73.0, slope_c_per_s=0.0, cap_khz=1_000_000, freq_khz=1_000_000)
+    ladder = sorted(int(f) for f in plat.engine.levels.freq_khz)
+    caps = {c: ladder[-1] for c in fs.cpus}
+    guard_caps(obs, fs.cpus, caps, fs.core_features, 0.1, guard_c=2.0, release_band_c=10.0)
+    assert caps[0] == min(f for f in ladder if f > 1_000_000)
+    # Below the band the model's cap stands.
+    plat, obs, fs = _hot_observation(temp_c=60.0, slope_c_per_s=0.0, cap_khz=1_000_000, freq_khz=1_000_000)
+    caps = {c: ladder[-1] for c in fs.cpus}
+    assert guard_caps(obs, fs.cpus, caps, fs.core_features, 0.1, guard_c=2.0, release_band_c=10.0) == []
+    assert caps[0] == ladder[-1]
