@@ -50,6 +50,7 @@ class SafetyShield:
     config: ShieldConfig
     topology: Topology
     _caps_khz: dict[int, int] = field(default_factory=dict)  # shield's own ceiling per CPU
+    _policy_caps: dict[int, int] = field(default_factory=dict)  # the policy's last ask per CPU
     _last: dict[int, tuple[float, float]] = field(default_factory=dict)  # cpu -> (time_s, temp_c)
     # The per-CPU (limit, critical) of the last filter() call, for the loop's report.
     last_limits_c: dict[int, tuple[float, float]] = field(default_factory=dict)
@@ -57,6 +58,12 @@ class SafetyShield:
     def reset(self, topology: Topology) -> None:
         self.topology = topology
         self._caps_khz = {c: v for c, v in self._caps_khz.items() if c in topology.cpus}
+        self._policy_caps = {c: v for c, v in self._policy_caps.items() if c in topology.cpus}
+
+    def forget_policy_caps(self) -> None:
+        """The policy's caps were undone (pause restores them): the shield caps alone
+        count until the policy asks again."""
+        self._policy_caps.clear()
 
     @property
     def active_caps_khz(self) -> dict[int, int]:
@@ -102,6 +109,13 @@ class SafetyShield:
             lo, hi = self._range(st)
             if lo is None or hi is None:
                 continue
+            # What the policy wants in effect: its ask now, else its last ask (policies
+            # send only changes), else no cap. The shield's cap is a ceiling on it and
+            # must never raise a cap the policy set lower.
+            asked = caps.get(cpu)
+            if asked is not None:
+                self._policy_caps[cpu] = asked
+            policy_cap = self._policy_caps.get(cpu, hi)
             limit_c, critical_c = limits[cpu]
             guard_c = limit_c - cfg.margin_c
             release_c = limit_c - 2 * cfg.margin_c
@@ -122,8 +136,10 @@ class SafetyShield:
                 why, thr = f"within {cfg.margin_c:g} C of the {limit_c:g} C limit: cap cut", guard_c
             elif prev is not None and t is not None and t < release_c:
                 new = int(prev + cfg.release_fraction * (hi - lo))
-                if new >= hi:
+                if new >= policy_cap:
                     del self._caps_khz[cpu]
+                    if asked is None and st.cap_khz != policy_cap:
+                        caps[cpu] = policy_cap
                     reasons.append(Reason(f"cpu {cpu}", "freq_cap", "shield", "cooled down: shield cap released",
                                           sensor, t, release_c, "policy cap applies again"))
                     continue
@@ -134,11 +150,13 @@ class SafetyShield:
             else:
                 continue
             self._caps_khz[cpu] = new
-            asked = caps.get(cpu)
-            if asked is None or asked > new:
-                caps[cpu] = new
+            if new < policy_cap:
+                if asked is not None or st.cap_khz != new:
+                    caps[cpu] = new
                 reasons.append(Reason(f"cpu {cpu}", "freq_cap", "shield", why, sensor, t, thr,
-                                      f"cap {new // 1000} MHz (policy asked {asked // 1000 if asked else 'none'})"))
+                                      f"cap {new // 1000} MHz (policy asked {policy_cap // 1000} MHz)"))
+            elif asked is None and st.cap_khz != policy_cap:
+                caps[cpu] = policy_cap  # the policy's own cap is the lower one again
         reasons += self._keep_work_off(hot, obs, limits, affinity)
         reasons += self._move_hottest_threads(obs, hot, limits, affinity)
         if not reasons:
@@ -163,28 +181,30 @@ class SafetyShield:
         affinity: dict[ThreadRef, frozenset[int]],
     ) -> list[Reason]:
         """No new work onto a hot CPU: hot CPUs are taken out of every CPU set the policy
-        asks for; a set left empty gets as many of the coolest CPUs instead."""
+        asks for, except a thread's own CPU when it is asked to stay there (that is not
+        new work; moving the busiest thread off is :meth:`_move_hottest_threads`' job).
+        A set left empty gets the next coolest CPU no other displaced thread got, so
+        displaced threads spread out instead of piling onto the single coolest CPU."""
         if not hot or not affinity:
             return []
         hot_set = set(hot)
         margin = self.config.margin_c
-        cool = [
-            cpu
-            for _, cpu in sorted(
-                (st.temp.temp_c, cpu)
-                for cpu, st in obs.cpus.items()
-                if st.temp.temp_c is not None and cpu not in hot_set and st.temp.temp_c < limits[cpu][0] - margin
-            )
-        ]
+        cool = _coolest_first(obs, limits, margin, hot_set)
+        last_cpu = {s.ref: s.last_cpu for s in obs.threads.values()}
+        given: set[int] = set()
         changed = 0
         for ref, cpus in list(affinity.items()):
             if not cpus & hot_set:
                 continue
+            if cpus == {last_cpu.get(ref)}:
+                continue  # staying put on its own CPU
             keep = cpus - hot_set
             if not keep:
-                if not cool:
+                free = [c for c in cool if c not in given] or cool
+                if not free:
                     continue  # nowhere cooler to go; caps and DTM protect
-                keep = frozenset(cool[: len(cpus)])
+                keep = frozenset(free[: len(cpus)])
+                given.update(keep)
             affinity[ref] = keep
             changed += 1
         if not changed:
@@ -220,17 +240,17 @@ class SafetyShield:
         if not hot or not obs.threads:
             return []
         margin = self.config.margin_c
-        cool = sorted(
-            (st.temp.temp_c, cpu)
-            for cpu, st in obs.cpus.items()
-            if st.temp.temp_c is not None and st.temp.temp_c < limits[cpu][0] - margin
-        )
-        if not cool:
-            return []
         by_cpu: dict[int, list[ThreadSample]] = {}
         for th in obs.threads.values():
             if th.last_cpu is not None:
                 by_cpu.setdefault(th.last_cpu, []).append(th)
+        # Coolest first, and among those the CPUs with no thread on them and none sent
+        # there by this decision: a moved thread should not land on someone else's core.
+        busy = set(by_cpu) | {next(iter(c)) for c in affinity.values() if len(c) == 1}
+        order = _coolest_first(obs, limits, margin, set())
+        cool = [(0.0, c) for c in order if c not in busy] + [(0.0, c) for c in order if c in busy]
+        if not cool:
+            return []
         reasons = []
         used: set[int] = set()
         for cpu in sorted(hot, key=lambda c: -(obs.cpus[c].temp.temp_c or 0.0)):
@@ -257,3 +277,11 @@ class SafetyShield:
                 )
             )
         return reasons
+
+
+def _coolest_first(obs: Observation, limits: dict[int, tuple[float, float]], margin_c: float,
+                   exclude: set[int]) -> list[int]:
+    """CPUs below their guard band, coolest first."""
+    return [cpu for _, cpu in sorted(
+        (st.temp.temp_c, cpu) for cpu, st in obs.cpus.items()
+        if st.temp.temp_c is not None and cpu not in exclude and st.temp.temp_c < limits[cpu][0] - margin_c)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from ailfmd.control.shield import SafetyShield, ShieldConfig
 from ailfmd.platform.base import ApplyResult, Observation
 from ailfmd.policy.base import Decision, Policy
 from ailfmd.policy.baselines import configure_for_chip
@@ -52,17 +53,20 @@ class RunResult:
 
 
 def run_scenario(scenario: Scenario, policy: Policy | PolicyFactory,
-                 on_epoch: EpochHook | None = None) -> RunResult:
+                 on_epoch: EpochHook | None = None, shield: bool = False) -> RunResult:
     """Simulate ``scenario`` under ``policy``; ``on_epoch`` sees every epoch (recorders).
 
     ``policy`` is a Policy, or a factory called with the run's SimPlatform for policies
-    that need it (the oracle).
+    that need it (the oracle). With ``shield`` every decision passes the daemon's safety
+    shield (default configuration, limits from the simulated sensors) before it is
+    applied, as it would in ``ailfmd``.
     """
     sc = scenario
     platform = SimPlatform(sc.chip, sc.workload, sc.seed, tick_s=sc.tick_s, duration_s=sc.duration_s)
     if not isinstance(policy, Policy):
         policy = policy(platform)
     configure_for_chip(policy, sc.chip)
+    guard = SafetyShield(ShieldConfig(), platform.topology()) if shield else None
     # Whole ticks only: the epoch is rounded to ticks, the last epoch may be shorter.
     epoch_ticks = max(1, round(sc.epoch_s / sc.tick_s))
     total_ticks = max(1, round(sc.duration_s / sc.tick_s))
@@ -73,6 +77,8 @@ def run_scenario(scenario: Scenario, policy: Policy | PolicyFactory,
         while done < total_ticks:
             obs = platform.observe()
             decision = policy.decide(obs)
+            if guard is not None:
+                decision, _ = guard.filter(obs, decision)
             result = platform.apply(decision.action)
             refused += sum(1 for o in result.outcomes if not o.ok)
             if on_epoch is not None:

@@ -203,6 +203,7 @@ class Daemon:
                 # Paused: the policy stops and its changes are undone; the shield stays on.
                 self.loop.paused = True
                 self.platform.restore()
+                self.loop.shield.forget_policy_caps()
                 log.info("paused: policy suspended, settings restored, safety shield still active")
             elif cmd == "resume" and self.loop.paused:
                 self.loop.paused = False

@@ -17,6 +17,35 @@ def _num(v: float | None, spec: str = ".3f") -> str:
     return "–" if v is None else f"{v:{spec}}"
 
 
+_FLAGS = {"chips": "--chips", "workloads": "--workloads", "episodes_per_workload": "--episodes",
+          "duration_s": "--duration", "rounds": "--rounds", "seed": "--seed", "eval_chips": "--eval-chips",
+          "eval_workloads": "--eval-workloads", "eval_seeds": "--eval-seeds", "eval_duration_s": "--eval-duration"}
+
+
+def command_line(config: Any) -> str:
+    """The ``ailfm train`` command that reproduces ``config`` (options that differ from
+    the defaults; a configuration the options cannot express says so)."""
+    from dataclasses import fields
+
+    from ailfmd.train.dagger import QUICK, TrainConfig
+
+    base, words = TrainConfig(), ["ailfm", "train", "--out", "DIR"]
+    if config == QUICK or all(getattr(config, f.name) == getattr(QUICK, f.name)
+                              for f in fields(config) if f.name not in _FLAGS):
+        base = QUICK
+        words.append("--quick")
+    for f in fields(config):
+        value, default = getattr(config, f.name), getattr(base, f.name)
+        if value == default:
+            continue
+        flag = _FLAGS.get(f.name)
+        if flag is None:
+            return " ".join(words) + f"  (and {f.name} = {value!r}, set in code)"
+        words += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else f"{value:g}"
+                  if isinstance(value, float) else str(value)]
+    return " ".join(words)
+
+
 def render_model_card(config: Any, rounds: list[dict[str, Any]], summary: dict[str, Any],
                       train_s: float) -> str:
     from ailfmd.train.dagger import round_beta
@@ -26,14 +55,17 @@ def render_model_card(config: Any, rounds: list[dict[str, Any]], summary: dict[s
         "",
         f"Policy format `{POLICY_FORMAT}`, feature schema `{FEATURE_SCHEMA}`. Trained by "
         f"`ailfm train` (seed {config.seed}) in {train_s / 60:.1f} minutes of wall time, "
-        "evaluation not included.",
+        "evaluation not included. Reproduce with:",
+        "",
+        f"    {command_line(config)}",
         "",
         "## Data",
         "",
         f"- Chips: {', '.join(config.chips)}; workloads: {', '.join(config.workloads)}.",
         f"- Per round: {config.episodes_per_workload} episodes per chip and workload, "
         f"{config.duration_s:g} simulated seconds each, 100 ms decision epochs, oracle labels "
-        "on every visited state (look-ahead 0.3 s, 1 °C below DTM).",
+        "on every visited state (look-ahead 0.3 s, "
+        f"{config.oracle_margin_c:g} °C below DTM).",
         f"- Rounds: behaviour cloning then {config.rounds} DAgger rounds, "
         f"β = {', '.join(f'{round_beta(config, r):.3g}' for r in range(config.rounds + 1))}.",
         "",
@@ -62,7 +94,8 @@ def render_model_card(config: Any, rounds: list[dict[str, Any]], summary: dict[s
         "",
         "Ratios of mean response time, learned / reference (below 1 is better; geometric mean "
         "over scenarios). *Safe* baselines: those with no more time above DTM than the learned "
-        "policy (+0.05 s).",
+        "policy (+0.05 s). `dagger+shield`: the final policy behind the daemon's safety shield "
+        "(default configuration), as `ailfmd` runs it; every other row runs without a shield.",
         "",
         "| policy | vs oracle | vs best baseline | vs best safe baseline | time above DTM, all scenarios |",
         "|---|---:|---:|---:|---:|",

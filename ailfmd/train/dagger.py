@@ -221,7 +221,9 @@ def train(config: TrainConfig, out_dir: str | Path, jobs: int = 1, resume: bool 
         learner = str(model_path)
     train_s = time.monotonic() - t_start
     bc, final = out / "models" / "round0.onnx", out / "models" / f"round{config.rounds}.onnx"
-    summary = evaluate(config, out, {"bc": f"onnx:{bc}", "dagger": f"onnx:{final}"}, jobs, show)
+    # The final policy also behind the daemon's safety shield: what a deployment runs.
+    summary = evaluate(config, out, {"bc": f"onnx:{bc}", "dagger": f"onnx:{final}",
+                                     "dagger+shield": f"shielded:onnx:{final}"}, jobs, show)
     card_meta = {"scores": summary["overall"], "rounds": rounds, "train_wall_s": train_s}
     _write_bytes(out / "policy.onnx", set_metadata(final.read_bytes(), card_meta))
     from ailfmd.train.card import write_model_card

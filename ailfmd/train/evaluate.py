@@ -26,14 +26,16 @@ SAFE_SLACK_S = 0.05  # time above DTM that still counts as "equally safe"
 
 @dataclass(frozen=True)
 class EvalJob:
-    policy: str  # a baseline name, "oracle", or "onnx:<path>"
+    policy: str  # a baseline name, "oracle", "onnx:<path>", or "shielded:onnx:<path>"
     chip: str
     workload: str
     seed: int
     duration_s: float
 
     def key(self) -> str:
-        tag = self.policy if not self.policy.startswith("onnx:") else "learned-" + Path(self.policy[5:]).stem
+        tag = self.policy
+        if "onnx:" in tag:
+            tag = tag.split("onnx:")[0].replace(":", "-") + "learned-" + Path(tag.split("onnx:")[1]).stem
         return f"{tag}__{Path(self.chip).stem}__{Path(self.workload).stem}__s{self.seed}"
 
 
@@ -51,11 +53,13 @@ def run_eval_job(job: EvalJob) -> dict[str, Any]:
             return holder["o"]
         result = run_scenario(scenario, factory)
         extra = {"decision_ms": cost_summary(holder["o"]).get("mean_ms")}
-    elif job.policy.startswith("onnx:"):
-        policy = OnnxPolicy(job.policy[5:], service=False)
+    elif "onnx:" in job.policy:
+        shielded = job.policy.startswith("shielded:")
+        policy = OnnxPolicy(job.policy.split("onnx:", 1)[1], service=False)
         times: list[float] = []
         result = run_scenario(scenario, policy,
-                              lambda obs, d, r: times.append(float(d.info.get("inference_ms", 0.0))))
+                              lambda obs, d, r: times.append(float(d.info.get("inference_ms", 0.0))),
+                              shield=shielded)
         extra = {"decision_ms": float(np.mean(times)) if times else None}
     else:
         result = run_scenario(scenario, get_baseline(job.policy))

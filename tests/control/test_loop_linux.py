@@ -160,3 +160,68 @@ def test_paused_loop_ignores_the_policy_but_keeps_the_shield(tree: Path, tmp_pat
     set_core_temp(tree, "Core 1", 84.0)
     loop.tick()
     assert cap_of(tree, 1) < 3_700_000  # the shield still acts
+
+
+class CapsOnce:
+    """Asks for a cap once and then nothing (policies send only changes)."""
+
+    name = "once"
+
+    def __init__(self, cap_khz: int) -> None:
+        self.cap_khz, self.sent = cap_khz, False
+
+    def reset(self, topology: Topology, capabilities: Capabilities) -> None:
+        pass
+
+    def decide(self, obs: Observation) -> Decision:
+        if self.sent:
+            return Decision(Action())
+        self.sent = True
+        return Decision(Action(freq_cap_khz={c: self.cap_khz for c in obs.cpus}))
+
+
+def test_shield_holding_or_releasing_never_lifts_a_cap_the_policy_set_earlier(tree: Path, tmp_path: Path) -> None:
+    # The shield cuts cpu 1 while it is hot, with the policy's 3.7 GHz in effect ...
+    loop = make_loop(tree, tmp_path, CapsOnce(1_200_000))
+    set_core_temp(tree, "Core 1", 83.5)
+    loop.policy.sent = True  # the policy asks nothing in this epoch
+    loop.tick()
+    shield_cap = cap_of(tree, 1)
+    assert shield_cap < 3_700_000
+    # ... then the policy lowers every CPU to 1.2 GHz, once, and goes quiet.
+    loop.policy.sent = False
+    loop.tick()
+    assert cap_of(tree, 1) == 1_200_000
+    # Holding (still warm) and releasing (cool) must not lift cpu 1 back over 1.2 GHz.
+    set_core_temp(tree, "Core 1", 80.0)
+    for _ in range(3):
+        loop.tick()
+        assert cap_of(tree, 1) == 1_200_000
+    set_core_temp(tree, "Core 1", 50.0)
+    for _ in range(30):
+        loop.tick()
+        assert cap_of(tree, 1) == 1_200_000
+    assert 1 not in loop.shield.active_caps_khz
+
+
+def test_shield_spreads_displaced_threads_instead_of_piling_them_on_one_cpu() -> None:
+    from ailfmd.platform.base import CpuState, CpuTemp, TempSensor, ThreadRef, ThreadSample, Topology as Topo
+    from ailfmd.platform.base import CpuTopology
+
+    n = 8
+    cpus = {}
+    for c in range(n):
+        temp = 84.0 if c < 4 else 50.0 + c  # 0-3 hot, 4 coolest
+        cpus[c] = CpuState(c, CpuTemp(c, temp, TempSensor("t", "t", f"c{c}", f"c{c}", "core", ""), "test"),
+                           2_000_000, 3_000_000, 1_000_000, 3_000_000)
+    everything = frozenset(range(n))
+    threads = {100 + i: ThreadSample(ThreadRef(1, 100 + i, 1), "w", 7, everything, {}) for i in range(3)}
+    obs = Observation(time_s=1.0, cpus=cpus, threads=threads)
+    topo = Topo(cpus={c: CpuTopology(c, 0, c, c) for c in range(n)})
+    shield = SafetyShield(ShieldConfig(limit_c=85.0, margin_c=3.0, critical_c=95.0), topo)
+    # The policy sends the three threads (all running on cpu 7) onto the hot CPUs 0-2.
+    ask = {threads[100 + i].ref: frozenset({i}) for i in range(3)}
+    decision, _ = shield.filter(obs, Decision(Action(affinity=ask)))
+    got = [decision.action.affinity[threads[100 + i].ref] for i in range(3)]
+    assert all(len(g) == 1 and not g & {0, 1, 2, 3} for g in got)
+    assert len(set().union(*got)) == 3, got  # three different cool CPUs, not one

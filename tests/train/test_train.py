@@ -52,6 +52,7 @@ def test_quick_training_writes_a_policy_card_and_scores(quick_training) -> None:
     assert len(meta["data"]["sha256"]) == 64 and meta["trainer"].startswith("ailfm train")
     card = (out / "MODEL_CARD.md").read_text()
     assert "DAgger" in card and "| bc |" in card and "| dagger |" in card
+    assert "ailfm train --out DIR --quick" in card
 
 
 def test_the_trained_policy_beats_random(quick_training) -> None:
@@ -164,3 +165,15 @@ def test_ailfm_record_rejects_bad_options(tmp_path: Path, capsys) -> None:
     assert "--learner" in capsys.readouterr().err
     assert ailfm(["train", "--quick", "--out", str(tmp_path / "t"), "--workloads", "nope"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_the_card_names_the_command_that_reproduces_a_configuration() -> None:
+    from dataclasses import replace
+
+    from ailfmd.train.card import command_line
+    from ailfmd.train.dagger import TrainConfig
+
+    assert command_line(TrainConfig()) == "ailfm train --out DIR"
+    assert command_line(replace(TrainConfig(), rounds=2, eval_seeds=(1, 2), duration_s=5.0)) == \
+        "ailfm train --out DIR --duration 5 --rounds 2 --eval-seeds 1,2"
+    assert "negatives = 3, set in code" in command_line(replace(TrainConfig(), negatives=3))
