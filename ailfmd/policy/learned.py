@@ -204,10 +204,8 @@ def group_caps(cap_frac: np.ndarray, core: np.ndarray, grouping: str) -> np.ndar
     return out
 
 
-def guard_caps(obs: Observation, cpus: tuple[int, ...], caps_khz: dict[int, int], core: np.ndarray,
-               epoch_s: float | None, guard_c: float, release_band_c: float) -> list[int]:
-    """Make the model's caps safe near each sensor's maximum, in place; returns the CPUs
-    whose cap it lowered below the model's.
+class CapGuard:
+    """Makes the model's caps safe near each sensor's maximum (stateful: one per policy).
 
     The model imitates a teacher that looks ahead, and a thin die heats by several °C per
     epoch: half a V/f step of regression error near the limit, or a cap raised fully the
@@ -216,44 +214,96 @@ def guard_caps(obs: Observation, cpus: tuple[int, ...], caps_khz: dict[int, int]
     the current slope:
 
     - ``ahead >= max_c - guard_c``: one ladder step below the lower of the model's cap
-      and the current frequency;
-    - ``ahead >= max_c - release_band_c``: the cap may rise at most one step per epoch.
+      and the current frequency (the CPU then counts as *recovering*);
+    - a recovering CPU, or one with ``ahead >= max_c - release_band_c``, may rise at most
+      one ladder step per epoch; recovery ends once the model's cap is within reach.
 
-    CPUs without a maximum are left to the model (and, in the daemon, to the shield).
+    Without the recovery rule a cut CPU cools below the band within one epoch, the model
+    sees a cool core and asks for full speed, and the core is over the limit again
+    (bang-bang every other epoch). CPUs without a maximum are left to the model (and, in
+    the daemon, to the shield).
     """
-    maxima = [r.max_c for r in obs.sensors if r.max_c is not None]
-    if not maxima or not len(cpus):
+
+    def __init__(self, guard_c: float, release_band_c: float, release_steps: int = 1) -> None:
+        self.guard_c = guard_c
+        self.release_steps = release_steps
+        self.release_band_c = max(guard_c, release_band_c)
+        self.recovering: set[int] = set()
+
+    def apply(self, obs: Observation, cpus: tuple[int, ...], caps_khz: dict[int, int], core: np.ndarray,
+              epoch_s: float | None) -> list[int]:
+        """Lower ``caps_khz`` in place; returns the CPUs whose cap is now below the model's."""
+        maxima = [r.max_c for r in obs.sensors if r.max_c is not None]
+        if not maxima or not len(cpus):
+            self.recovering.clear()
+            return []
+        temp_c = core[:, _CI["temp"]] * TEMP_SCALE_C + TEMP_REF_C
+        rise_c = np.maximum(core[:, _CI["temp_slope"]], 0.0) * SLOPE_SCALE_C_PER_S * (epoch_s or 0.0)
+        ahead_c = np.where(core[:, _CI["temp_missing"]] < 0.5, temp_c + rise_c, -np.inf)
+        near = ahead_c >= min(maxima) - self.release_band_c
+        index = {c: i for i, c in enumerate(cpus)}
+        flagged = sorted(set(np.flatnonzero(near).tolist()) |
+                         {index[c] for c in self.recovering if c in index})
+        if not flagged:
+            return []
+        limits = {(r.sensor.chip, r.sensor.sensor): r.max_c for r in obs.sensors if r.max_c is not None}
+        ladders = ladders_khz(obs)
+        lowered = []
+        for i in flagged:
+            cpu = cpus[i]
+            st = obs.cpus.get(cpu)
+            src = st.temp.source if st is not None else None
+            limit = limits.get((src.chip, src.sensor)) if src is not None else None
+            ladder = ladders.get(cpu)
+            if st is None or limit is None or not ladder:
+                self.recovering.discard(cpu)
+                continue
+            want = caps_khz.get(cpu, ladder[0])
+            if ahead_c[i] >= limit - self.guard_c:
+                now = min(want, st.freq_khz or ladder[0])
+                below = [f for f in ladder if f < now]
+                new = max(below) if below else min(ladder)
+                self.recovering.add(cpu)
+            elif cpu in self.recovering or ahead_c[i] >= limit - self.release_band_c:
+                current = st.cap_khz or ladder[0]
+                above = sorted(f for f in ladder if f > current)
+                new = min(want, above[min(self.release_steps, len(above)) - 1] if above else current)
+                if new >= want:
+                    self.recovering.discard(cpu)
+            else:
+                continue
+            if new < want:
+                caps_khz[cpu] = new
+                lowered.append(cpu)
+        return lowered
+
+
+def carry_caps(obs: Observation, cpus: tuple[int, ...], caps_khz: dict[int, int],
+               last_cpu_index: np.ndarray, choice: np.ndarray) -> list[int]:
+    """A thread moved to another CPU takes at most one ladder step more than the cap it
+    ran under; lowers ``caps_khz`` in place and returns the CPUs it lowered.
+
+    The cap head sees the CPU as it is now: an idle, cool CPU earns a high cap. But the
+    thread the placement head moves there brings its heat with it, and a thin die goes
+    from cool to over the limit within one epoch at full speed. The cap the thread ran
+    under was thermally sustained; one step more is a bounded experiment.
+    """
+    moved = np.flatnonzero((last_cpu_index >= 0) & (choice != last_cpu_index))
+    if not moved.size:
         return []
-    band_c = max(guard_c, release_band_c)
-    temp_c = core[:, _CI["temp"]] * TEMP_SCALE_C + TEMP_REF_C
-    rise_c = np.maximum(core[:, _CI["temp_slope"]], 0.0) * SLOPE_SCALE_C_PER_S * (epoch_s or 0.0)
-    ahead_c = np.where(core[:, _CI["temp_missing"]] < 0.5, temp_c + rise_c, -np.inf)
-    flagged = np.flatnonzero(ahead_c >= min(maxima) - band_c)
-    if not flagged.size:
-        return []
-    limits = {(r.sensor.chip, r.sensor.sensor): r.max_c for r in obs.sensors if r.max_c is not None}
     ladders = ladders_khz(obs)
     lowered = []
-    for i in flagged.tolist():
-        cpu = cpus[i]
-        st = obs.cpus.get(cpu)
-        src = st.temp.source if st is not None else None
-        limit = limits.get((src.chip, src.sensor)) if src is not None else None
-        ladder = ladders.get(cpu)
-        if limit is None or not ladder or ahead_c[i] < limit - band_c:
+    for t in moved.tolist():
+        src, dst = cpus[int(last_cpu_index[t])], cpus[int(choice[t])]
+        ladder = ladders.get(dst)
+        src_state = obs.cpus.get(src)
+        if not ladder or src_state is None or src_state.cap_khz is None:
             continue
-        want = caps_khz.get(cpu, ladder[0])
-        if ahead_c[i] >= limit - guard_c:
-            now = min(want, st.freq_khz or ladder[0])
-            below = [f for f in ladder if f < now]
-            new = max(below) if below else min(ladder)
-        else:
-            current = st.cap_khz or ladder[0]
-            above = [f for f in ladder if f > current]
-            new = min(want, min(above) if above else current)
-        if new < want:
-            caps_khz[cpu] = new
-            lowered.append(cpu)
+        above = [f for f in ladder if f > src_state.cap_khz]
+        allowed = min(above) if above else ladder[0]
+        if caps_khz.get(dst, ladder[0]) > allowed:
+            caps_khz[dst] = allowed
+            lowered.append(dst)
     return lowered
 
 

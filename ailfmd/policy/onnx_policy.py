@@ -47,7 +47,8 @@ from ailfmd.policy.learned import (
     assign,
     cap_inputs,
     group_caps,
-    guard_caps,
+    CapGuard,
+    carry_caps,
     empty_pairs,
     placement_by_tid,
 )
@@ -55,6 +56,7 @@ from ailfmd.policy.learned import (
 SOURCE = "policy:onnx"
 DEFAULT_GUARD_C = 2.0  # see learned.guard_caps
 DEFAULT_RELEASE_BAND_C = 10.0
+DEFAULT_RELEASE_STEPS = 2
 
 
 class PolicyFileError(AilfmError):
@@ -135,7 +137,8 @@ class OnnxPolicy:
 
     def __init__(self, path: str | os.PathLike, *, service: bool | None = None, threads: int = 1,
                  guard_c: float | None = DEFAULT_GUARD_C, release_band_c: float = DEFAULT_RELEASE_BAND_C,
-                 cap_grouping: str | None = None) -> None:
+                 release_steps: int = DEFAULT_RELEASE_STEPS,
+                 cap_grouping: str | None = None, carry: bool = True) -> None:
         import onnxruntime as ort
 
         self.path = str(Path(path))
@@ -164,15 +167,19 @@ class OnnxPolicy:
         self._outputs = [CAP_OUTPUT, PAIR_OUTPUT]
         self.guard_c = guard_c
         self.release_band_c = release_band_c
+        self.release_steps = release_steps
         grouping = cap_grouping or self.metadata.get("decoding", {}).get("cap_grouping", "cpu")
         if grouping not in CAP_GROUPINGS:
             raise PolicyFileError(self.path, f"cap grouping {grouping!r} is not one of {CAP_GROUPINGS}")
         self.cap_grouping = grouping
+        self.carry = carry
+        self._guard = CapGuard(guard_c, release_band_c, release_steps) if guard_c is not None else None
 
     def reset(self, topology: Topology, capabilities: Capabilities) -> None:
         self._extractor = FeatureExtractor(topology)
         self._prev = None
         self._caps = CapDecoder()
+        self._guard = CapGuard(self.guard_c, self.release_band_c, self.release_steps) if self.guard_c is not None else None
 
     def scores(self, obs: Observation) -> tuple[Any, np.ndarray, np.ndarray]:
         """(feature set, cap fraction per CPU, pair scores [threads, cpus]) for ``obs``."""
@@ -194,14 +201,15 @@ class OnnxPolicy:
         t0 = time.perf_counter()
         fs, cap_frac, pair = self.scores(obs)
         caps_khz = self._caps.decode(obs, fs.cpus, group_caps(cap_frac, fs.core_features, self.cap_grouping))
-        guarded = (guard_caps(obs, fs.cpus, caps_khz, fs.core_features, fs.epoch_s, self.guard_c,
-                              self.release_band_c)
-                   if self.guard_c is not None else [])
+        guarded = (self._guard.apply(obs, fs.cpus, caps_khz, fs.core_features, fs.epoch_s)
+                   if self._guard is not None else [])
         choice = assign(pair)
+        if self.carry:
+            guarded += carry_caps(obs, fs.cpus, caps_khz, fs.last_cpu_index, choice)
         placement = placement_by_tid(fs.tids, fs.cpus, choice)
         caps, cap_reasons = cap_changes(
             obs, caps_khz, SOURCE,
-            lambda cpu, khz: (f"near its sensor's maximum: guarded cap {khz // 1000} MHz"
+            lambda cpu, khz: (f"guarded cap {khz // 1000} MHz (near its sensor's maximum, or a thread moves in)"
                               if cpu in guarded else f"model caps cpu {cpu} at {khz // 1000} MHz"))
         # Score of the chosen CPU, for the reason (higher = the teacher's likelier choice).
         score = {tid: float(pair[i, choice[i]]) for i, tid in enumerate(fs.tids)}

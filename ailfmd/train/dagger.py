@@ -50,21 +50,21 @@ class TrainConfigError(AilfmError):
 class TrainConfig:
     chips: tuple[str, ...] = ("3d-64",)
     workloads: tuple[str, ...] = ("prefill-heavy", "decode-heavy", "bursty", "long-context", "mixed")
-    episodes_per_workload: int = 2  # per chip and round, each a new arrival seed
+    episodes_per_workload: int = 3  # per chip and round, each a new arrival seed
     duration_s: float = 12.0
-    rounds: int = 3  # DAgger rounds after behaviour cloning
+    rounds: int = 4  # DAgger rounds after behaviour cloning
     beta_decay: float = 0.5
     # The teacher's distance below DTM. Wider than the oracle's own 1 °C default: the
     # learner cannot see arrivals coming, and its imitation error must land below DTM.
-    oracle_margin_c: float = 1.0
+    oracle_margin_c: float = 3.0
     negatives: int = 8
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     eval_chips: tuple[str, ...] = ("3d-64", "2d-64")
     eval_workloads: tuple[str, ...] = ("prefill-heavy", "decode-heavy", "bursty", "long-context", "mixed",
                                        "eval-chat", "eval-bursty-13b")
-    eval_seeds: tuple[int, ...] = (900,)
-    eval_duration_s: float = 20.0
+    eval_seeds: tuple[int, ...] = (900, 901)
+    eval_duration_s: float = 30.0
     eval_policies: tuple[str, ...] = ()  # default: every baseline and the oracle
 
     def as_json(self) -> dict[str, Any]:

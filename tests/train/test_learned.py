@@ -14,7 +14,8 @@ from ailfmd.policy.learned import (
     assign,
     cap_inputs,
     group_caps,
-    guard_caps,
+    CapGuard,
+    carry_caps,
 )
 from ailfmd.sim.chip import load_chip
 from ailfmd.sim.platform import SimPlatform
@@ -128,7 +129,7 @@ def test_guard_steps_down_near_the_sensor_maximum() -> None:
     limit = next(r.max_c for r in obs.sensors if r.sensor == obs.cpus[0].temp.source)
     assert limit == pytest.approx(80.0)
     caps = {c: ladder[-1] for c in fs.cpus}
-    lowered = guard_caps(obs, fs.cpus, caps, fs.core_features, 0.1, guard_c=2.0, release_band_c=10.0)
+    lowered = CapGuard(2.0, 10.0).apply(obs, fs.cpus, caps, fs.core_features, 0.1)
     # One step below the current 3 GHz (lower than the model's 4 GHz).
     assert lowered == [0] and caps[0] == max(f for f in ladder if f < 3_000_000)
     assert all(caps[c] == ladder[-1] for c in fs.cpus[1:] if obs.cpus[c].temp.temp_c < 70.0)
@@ -138,7 +139,7 @@ def test_guard_sees_a_fast_rise_coming() -> None:
     # 74 °C rising at 40 °C/s: 78 °C after one more epoch, inside the 2 °C guard.
     plat, obs, fs = _hot_observation(temp_c=74.0, slope_c_per_s=40.0, cap_khz=2_000_000, freq_khz=2_000_000)
     caps = {c: 4_000_000 for c in fs.cpus}
-    guard_caps(obs, fs.cpus, caps, fs.core_features, 0.1, guard_c=2.0, release_band_c=10.0)
+    CapGuard(2.0, 10.0).apply(obs, fs.cpus, caps, fs.core_features, 0.1)
     assert caps[0] < 2_000_000
 
 
@@ -146,10 +147,47 @@ def test_guard_releases_one_step_at_a_time_in_the_band() -> None:
     plat, obs, fs = _hot_observation(temp_c=73.0, slope_c_per_s=0.0, cap_khz=1_000_000, freq_khz=1_000_000)
     ladder = sorted(int(f) for f in plat.engine.levels.freq_khz)
     caps = {c: ladder[-1] for c in fs.cpus}
-    guard_caps(obs, fs.cpus, caps, fs.core_features, 0.1, guard_c=2.0, release_band_c=10.0)
+    CapGuard(2.0, 10.0).apply(obs, fs.cpus, caps, fs.core_features, 0.1)
     assert caps[0] == min(f for f in ladder if f > 1_000_000)
     # Below the band the model's cap stands.
     plat, obs, fs = _hot_observation(temp_c=60.0, slope_c_per_s=0.0, cap_khz=1_000_000, freq_khz=1_000_000)
     caps = {c: ladder[-1] for c in fs.cpus}
-    assert guard_caps(obs, fs.cpus, caps, fs.core_features, 0.1, guard_c=2.0, release_band_c=10.0) == []
+    assert CapGuard(2.0, 10.0).apply(obs, fs.cpus, caps, fs.core_features, 0.1) == []
     assert caps[0] == ladder[-1]
+
+
+def test_a_cut_cpu_recovers_step_by_step_even_once_cool() -> None:
+    guard = CapGuard(2.0, 10.0, release_steps=2)
+    plat, obs, fs = _hot_observation(temp_c=79.5, slope_c_per_s=0.0, cap_khz=3_000_000, freq_khz=3_000_000)
+    ladder = sorted(int(f) for f in plat.engine.levels.freq_khz)
+    caps = {c: ladder[-1] for c in fs.cpus}
+    guard.apply(obs, fs.cpus, caps, fs.core_features, 0.1)
+    assert caps[0] < 3_000_000 and 0 in guard.recovering
+    # One epoch later it is cool (the cut worked); the model asks for full speed again.
+    cut = caps[0]
+    plat, obs, fs = _hot_observation(temp_c=60.0, slope_c_per_s=0.0, cap_khz=cut, freq_khz=cut)
+    caps = {c: ladder[-1] for c in fs.cpus}
+    guard.apply(obs, fs.cpus, caps, fs.core_features, 0.1)
+    assert caps[0] == sorted(f for f in ladder if f > cut)[1]  # two steps up, not a jump
+    # Recovery ends once the model's own cap is within reach.
+    plat, obs, fs = _hot_observation(temp_c=60.0, slope_c_per_s=0.0, cap_khz=ladder[-2], freq_khz=ladder[-2])
+    caps = {c: ladder[-1] for c in fs.cpus}
+    guard.apply(obs, fs.cpus, caps, fs.core_features, 0.1)
+    assert caps[0] == ladder[-1] and 0 not in guard.recovering
+
+
+def test_a_moved_thread_takes_at_most_one_step_more_than_it_had() -> None:
+    plat, obs = _observation()
+    ladder = sorted(int(f) for f in plat.engine.levels.freq_khz)
+    cpus = tuple(sorted(obs.cpus))
+    from dataclasses import replace
+
+    states = dict(obs.cpus)
+    states[3] = replace(states[3], cap_khz=2_000_000)
+    obs = replace(obs, cpus=states)
+    caps = {c: ladder[-1] for c in cpus}
+    last = np.array([3, 5])
+    choice = np.array([10, 5])  # the first thread moves from cpu 3 to cpu 10, the second stays
+    assert carry_caps(obs, cpus, caps, last, choice) == [10]
+    assert caps[10] == min(f for f in ladder if f > 2_000_000)
+    assert caps[5] == ladder[-1]
