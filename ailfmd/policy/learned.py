@@ -149,6 +149,7 @@ class CapDecoder:
         self._key: tuple | None = None
         self._groups: list[tuple[np.ndarray, np.ndarray]] = []  # (cpu row indices, ladder kHz)
         self._hw_max = np.zeros(0)
+        self.ladders: dict[int, list[int]] = {}  # CPU -> its ladder, top down (of the last decode)
 
     def _prepare(self, obs: Observation, cpus: tuple[int, ...]) -> None:
         key = (cpus, tuple((p.cpus, p.available_khz, p.hw_min_khz, p.hw_max_khz) for p in obs.policies),
@@ -156,6 +157,7 @@ class CapDecoder:
         if key == self._key:
             return
         ladders = ladders_khz(obs)
+        self.ladders = ladders
         by_ladder: dict[tuple[int, ...], list[int]] = {}
         for i, cpu in enumerate(cpus):
             ladder = ladders.get(cpu)
@@ -231,12 +233,13 @@ class CapGuard:
         self.recovering: set[int] = set()
 
     def apply(self, obs: Observation, cpus: tuple[int, ...], caps_khz: dict[int, int], core: np.ndarray,
-              epoch_s: float | None) -> list[int]:
-        """Lower ``caps_khz`` in place; returns the CPUs whose cap is now below the model's."""
+              epoch_s: float | None, ladders: dict[int, list[int]] | None = None) -> dict[int, str]:
+        """Lower ``caps_khz`` in place; returns why, for each CPU whose cap is now below the
+        model's. ``ladders`` (CPU -> frequencies, top down) defaults to the observation's."""
         maxima = [r.max_c for r in obs.sensors if r.max_c is not None]
         if not maxima or not len(cpus):
             self.recovering.clear()
-            return []
+            return {}
         temp_c = core[:, _CI["temp"]] * TEMP_SCALE_C + TEMP_REF_C
         rise_c = np.maximum(core[:, _CI["temp_slope"]], 0.0) * SLOPE_SCALE_C_PER_S * (epoch_s or 0.0)
         ahead_c = np.where(core[:, _CI["temp_missing"]] < 0.5, temp_c + rise_c, -np.inf)
@@ -245,10 +248,10 @@ class CapGuard:
         flagged = sorted(set(np.flatnonzero(near).tolist()) |
                          {index[c] for c in self.recovering if c in index})
         if not flagged:
-            return []
+            return {}
         limits = {(r.sensor.chip, r.sensor.sensor): r.max_c for r in obs.sensors if r.max_c is not None}
-        ladders = ladders_khz(obs)
-        lowered = []
+        ladders = ladders_khz(obs) if ladders is None else ladders
+        lowered: dict[int, str] = {}
         for i in flagged:
             cpu = cpus[i]
             st = obs.cpus.get(cpu)
@@ -263,36 +266,42 @@ class CapGuard:
                 now = min(want, st.freq_khz or ladder[0])
                 below = [f for f in ladder if f < now]
                 new = max(below) if below else min(ladder)
+                why = (f"{ahead_c[i]:.1f} C expected next epoch, within {self.guard_c:g} C of the "
+                       f"{limit:g} C maximum: one step below {now // 1000} MHz")
                 self.recovering.add(cpu)
             elif cpu in self.recovering or ahead_c[i] >= limit - self.release_band_c:
                 current = st.cap_khz or ladder[0]
                 above = sorted(f for f in ladder if f > current)
                 new = min(want, above[min(self.release_steps, len(above)) - 1] if above else current)
+                why = (f"{'recovering from a cut' if cpu in self.recovering else f'within {self.release_band_c:g} C of the {limit:g} C maximum'}: "
+                       f"at most {self.release_steps} step(s) up per epoch")
                 if new >= want:
                     self.recovering.discard(cpu)
             else:
                 continue
             if new < want:
                 caps_khz[cpu] = new
-                lowered.append(cpu)
+                lowered[cpu] = why
         return lowered
 
 
 def carry_caps(obs: Observation, cpus: tuple[int, ...], caps_khz: dict[int, int],
-               last_cpu_index: np.ndarray, choice: np.ndarray) -> list[int]:
+               last_cpu_index: np.ndarray, choice: np.ndarray,
+               ladders: dict[int, list[int]] | None = None) -> dict[int, str]:
     """A thread moved to another CPU takes at most one ladder step more than the cap it
     ran under; lowers ``caps_khz`` in place and returns the CPUs it lowered.
 
     The cap head sees the CPU as it is now: an idle, cool CPU earns a high cap. But the
     thread the placement head moves there brings its heat with it, and a thin die goes
     from cool to over the limit within one epoch at full speed. The cap the thread ran
-    under was thermally sustained; one step more is a bounded experiment.
+    under was thermally sustained; one step more is a bounded experiment. Returns why, per
+    CPU lowered.
     """
     moved = np.flatnonzero((last_cpu_index >= 0) & (choice != last_cpu_index))
     if not moved.size:
-        return []
-    ladders = ladders_khz(obs)
-    lowered = []
+        return {}
+    ladders = ladders_khz(obs) if ladders is None else ladders
+    lowered: dict[int, str] = {}
     for t in moved.tolist():
         src, dst = cpus[int(last_cpu_index[t])], cpus[int(choice[t])]
         ladder = ladders.get(dst)
@@ -303,7 +312,8 @@ def carry_caps(obs: Observation, cpus: tuple[int, ...], caps_khz: dict[int, int]
         allowed = min(above) if above else ladder[0]
         if caps_khz.get(dst, ladder[0]) > allowed:
             caps_khz[dst] = allowed
-            lowered.append(dst)
+            lowered[dst] = (f"a thread moves in from cpu {src}, where it ran under {src_state.cap_khz // 1000} MHz: "
+                            "at most one step more")
     return lowered
 
 

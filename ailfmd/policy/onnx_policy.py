@@ -160,7 +160,7 @@ class OnnxPolicy:
         self.metadata = read_metadata(self.path, self._session)
         check_contract(self.path, self.metadata, self._session)
         self.feature_schema: str = self.metadata["feature_schema"]
-        self.name = f"onnx:{self.metadata.get('name', Path(self.path).stem)}"
+        self.name = f"onnx:{Path(self.path).stem}"  # operators know their files by name
         self._extractor: FeatureExtractor | None = None
         self._prev: Observation | None = None
         self._caps = CapDecoder()
@@ -201,16 +201,16 @@ class OnnxPolicy:
         t0 = time.perf_counter()
         fs, cap_frac, pair = self.scores(obs)
         caps_khz = self._caps.decode(obs, fs.cpus, group_caps(cap_frac, fs.core_features, self.cap_grouping))
-        guarded = (self._guard.apply(obs, fs.cpus, caps_khz, fs.core_features, fs.epoch_s)
-                   if self._guard is not None else [])
+        ladders = self._caps.ladders
+        guarded = (self._guard.apply(obs, fs.cpus, caps_khz, fs.core_features, fs.epoch_s, ladders)
+                   if self._guard is not None else {})
         choice = assign(pair)
         if self.carry:
-            guarded += carry_caps(obs, fs.cpus, caps_khz, fs.last_cpu_index, choice)
+            guarded.update(carry_caps(obs, fs.cpus, caps_khz, fs.last_cpu_index, choice, ladders))
         placement = placement_by_tid(fs.tids, fs.cpus, choice)
         caps, cap_reasons = cap_changes(
             obs, caps_khz, SOURCE,
-            lambda cpu, khz: (f"guarded cap {khz // 1000} MHz (near its sensor's maximum, or a thread moves in)"
-                              if cpu in guarded else f"model caps cpu {cpu} at {khz // 1000} MHz"))
+            lambda cpu, khz: (f"guarded: {guarded[cpu]}" if cpu in guarded else f"model caps cpu {cpu} at {khz // 1000} MHz"))
         # Score of the chosen CPU, for the reason (higher = the teacher's likelier choice).
         score = {tid: float(pair[i, choice[i]]) for i, tid in enumerate(fs.tids)}
         affinity, pin_reasons = pin_changes(
