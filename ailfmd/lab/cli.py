@@ -19,6 +19,7 @@ from ailfmd.sim.engine import DEFAULT_TICK_S
 from ailfmd.sim.metrics import RunMetrics
 
 EXIT_USAGE = 2  # bad input, as argparse uses
+DEFAULT_DRAIN_S = 120.0  # bench: answer every request (a long-context answer can take 40 s)
 
 
 def _positive_float(text: str) -> float:
@@ -53,6 +54,8 @@ def _add_sim(sub: argparse._SubParsersAction) -> None:
                    help="control period of the policy (default %(default)g ms)")
     s.add_argument("--tick-ms", type=_positive_float, default=DEFAULT_TICK_S * 1e3,
                    help="simulation tick (default %(default)g ms; DTM is resolved to 1 ms)")
+    s.add_argument("--drain", type=float, default=0.0, metavar="S",
+                   help="after the arrivals, run on until every request is answered, at most S s (default 0)")
     s.add_argument("--json", action="store_true", help="print the metrics as JSON")
     s.set_defaults(func=_cmd_sim)
 
@@ -65,7 +68,8 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     chip = load_chip(args.chip)
     workload = load_workload(args.workload)
     policy = get_baseline(args.policy)
-    scenario = Scenario(chip, workload, args.seed, args.duration, args.epoch_ms / 1e3, args.tick_ms / 1e3)
+    scenario = Scenario(chip, workload, args.seed, args.duration, args.epoch_ms / 1e3, args.tick_ms / 1e3,
+                        max(0.0, args.drain))
     result = run_scenario(scenario, policy)
     head = {"chip": chip.name, "workload": workload.name, "policy": policy.name, "seed": args.seed,
             "tick_s": scenario.tick_s, "epoch_s": scenario.epoch_s}
@@ -139,6 +143,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="control period of the policies (default %(default)g ms)")
     b.add_argument("--tick-ms", type=_positive_float, default=DEFAULT_TICK_S * 1e3,
                    help="simulation tick (default %(default)g ms)")
+    b.add_argument("--drain", type=float, default=DEFAULT_DRAIN_S, metavar="S",
+                   help="after the arrivals stop, run on until every request is answered, at most "
+                        "S more seconds, so every policy answers the same requests (default %(default)g; "
+                        "0: stop when arrivals stop)")
     b.add_argument("--out", default="bench-results", help="output folder (default %(default)s)")
     b.add_argument("--jobs", type=int, default=0, help="worker processes (default: one per CPU)")
     b.add_argument("--quick", action="store_true",
@@ -164,7 +172,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         chips=tuple(chips), workloads=tuple(workloads),
         policies=args.policies or bench.known_policies(),
         seeds=args.seeds or quick.get("seeds", (0,)), duration_s=duration,
-        epoch_s=args.epoch_ms / 1e3, tick_s=args.tick_ms / 1e3, jobs=max(0, args.jobs))
+        epoch_s=args.epoch_ms / 1e3, tick_s=args.tick_ms / 1e3, jobs=max(0, args.jobs),
+        drain_s=max(0.0, args.drain))
     rows, traces = bench.run_bench(config)
     out = Path(args.out)
     for note in bench.write_results(rows, traces, out):
@@ -259,7 +268,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--eval-chips", type=_csv, help="evaluation chips")
     t.add_argument("--eval-workloads", type=_csv, help="evaluation workloads")
     t.add_argument("--eval-seeds", type=_int_csv, help="evaluation seeds")
-    t.add_argument("--eval-duration", type=_positive_float, metavar="S", help="simulated seconds per evaluation run")
+    t.add_argument("--eval-duration", type=_positive_float, metavar="S", help="seconds of arrivals per evaluation run")
+    t.add_argument("--eval-drain", type=float, metavar="S",
+                   help="then run on until every request is answered, at most S seconds")
     t.add_argument("--jobs", type=int, default=0, help="worker processes (default: one per CPU)")
     t.set_defaults(func=_cmd_train)
 
@@ -277,7 +288,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                                    ("workloads", args.workloads), ("episodes_per_workload", args.episodes),
                                    ("duration_s", args.duration), ("eval_chips", args.eval_chips),
                                    ("eval_workloads", args.eval_workloads), ("eval_seeds", args.eval_seeds),
-                                   ("eval_duration_s", args.eval_duration)) if v is not None}
+                                   ("eval_duration_s", args.eval_duration),
+                                   ("eval_drain_s", args.eval_drain)) if v is not None}
     if overrides.get("rounds", 0) < 0 or overrides.get("episodes_per_workload", 1) < 1:
         raise AilfmError("--rounds must be >= 0 and --episodes >= 1")
     from ailfmd.sim.workload import load_workload

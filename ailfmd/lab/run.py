@@ -29,7 +29,13 @@ PolicyFactory = Callable[[SimPlatform], Policy]
 
 @dataclass(frozen=True)
 class Scenario:
-    """What to simulate: chip, request stream, seed, horizon and time resolution."""
+    """What to simulate: chip, request stream, seed, horizon and time resolution.
+
+    Requests arrive during ``duration_s``. With ``drain_s`` > 0 the run then goes on,
+    epoch by epoch, until no request is in flight or ``drain_s`` more seconds have
+    passed: every policy then answers the same requests (same seed, same arrivals), so
+    their response times compare like for like.
+    """
 
     chip: Chip
     workload: Workload
@@ -37,10 +43,11 @@ class Scenario:
     duration_s: float
     epoch_s: float = DEFAULT_EPOCH_S
     tick_s: float = DEFAULT_TICK_S
+    drain_s: float = 0.0
 
     def __post_init__(self) -> None:
-        if not self.duration_s > 0 or not self.epoch_s > 0 or not self.tick_s > 0:
-            raise ValueError("duration_s, epoch_s and tick_s must be > 0")
+        if not self.duration_s > 0 or not self.epoch_s > 0 or not self.tick_s > 0 or self.drain_s < 0:
+            raise ValueError("duration_s, epoch_s and tick_s must be > 0, drain_s >= 0")
 
 
 @dataclass(frozen=True)
@@ -70,11 +77,12 @@ def run_scenario(scenario: Scenario, policy: Policy | PolicyFactory,
     # Whole ticks only: the epoch is rounded to ticks, the last epoch may be shorter.
     epoch_ticks = max(1, round(sc.epoch_s / sc.tick_s))
     total_ticks = max(1, round(sc.duration_s / sc.tick_s))
+    limit_ticks = total_ticks + round(sc.drain_s / sc.tick_s)
     epochs = refused = 0
     try:
         policy.reset(platform.topology(), platform.capabilities())
         done = 0
-        while done < total_ticks:
+        while done < total_ticks or (done < limit_ticks and platform.metrics().requests_in_flight > 0):
             obs = platform.observe()
             decision = policy.decide(obs)
             if guard is not None:
@@ -83,7 +91,7 @@ def run_scenario(scenario: Scenario, policy: Policy | PolicyFactory,
             refused += sum(1 for o in result.outcomes if not o.ok)
             if on_epoch is not None:
                 on_epoch(obs, decision, result)
-            ticks = min(epoch_ticks, total_ticks - done)
+            ticks = min(epoch_ticks, (total_ticks if done < total_ticks else limit_ticks) - done)
             platform.advance(ticks * sc.tick_s)
             done += ticks
             epochs += 1

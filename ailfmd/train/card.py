@@ -19,7 +19,8 @@ def _num(v: float | None, spec: str = ".3f") -> str:
 
 _FLAGS = {"chips": "--chips", "workloads": "--workloads", "episodes_per_workload": "--episodes",
           "duration_s": "--duration", "rounds": "--rounds", "seed": "--seed", "eval_chips": "--eval-chips",
-          "eval_workloads": "--eval-workloads", "eval_seeds": "--eval-seeds", "eval_duration_s": "--eval-duration"}
+          "eval_workloads": "--eval-workloads", "eval_seeds": "--eval-seeds", "eval_duration_s": "--eval-duration",
+          "eval_drain_s": "--eval-drain"}
 
 
 def command_line(config: Any) -> str:
@@ -92,7 +93,9 @@ def render_model_card(config: Any, rounds: list[dict[str, Any]], summary: dict[s
         "",
         "## Scores",
         "",
-        "Ratios of mean response time, learned / reference (below 1 is better; geometric mean "
+        f"Evaluation runs: {config.eval_duration_s:g} s of arrivals, then on until every request "
+        f"is answered (at most {config.eval_drain_s:g} s more), so every policy answers the same "
+        "requests. Ratios of mean response time, learned / reference (below 1 is better; geometric mean "
         "over scenarios). *Safe* baselines: those with no more time above DTM than the learned "
         "policy (+0.05 s). `dagger+shield`: the final policy behind the daemon's safety shield "
         "(default configuration), as `ailfmd` runs it; every other row runs without a shield.",

@@ -65,6 +65,9 @@ class TrainConfig:
                                        "eval-chat", "eval-bursty-13b")
     eval_seeds: tuple[int, ...] = (900, 901)
     eval_duration_s: float = 30.0
+    # After the arrivals, run on until every request is answered (at most this long), so
+    # every policy answers the same requests and mean response times compare.
+    eval_drain_s: float = 120.0
     eval_policies: tuple[str, ...] = ()  # default: every baseline and the oracle
 
     def as_json(self) -> dict[str, Any]:
@@ -81,7 +84,7 @@ class TrainConfig:
 QUICK = TrainConfig(chips=("tiny",), workloads=("tiny-test",), episodes_per_workload=2, duration_s=2.0,
                     rounds=1, model=ModelConfig(cap_hidden=(16,), pair_hidden=(16,), max_iter=400, learning_rate=3e-3),
                     eval_chips=("tiny",), eval_workloads=("tiny-test",), eval_seeds=(900,),
-                    eval_duration_s=2.0, eval_policies=("linux", "oracle"))
+                    eval_duration_s=2.0, eval_drain_s=5.0, eval_policies=("linux", "oracle"))
 
 
 def round_beta(config: TrainConfig, r: int) -> float:
@@ -261,7 +264,7 @@ def evaluate(config: TrainConfig, out: Path, learned: dict[str, str], jobs: int,
     eval_dir.mkdir(exist_ok=True)
     policies = list(config.eval_policies or default_policies()) + list(learned.values())
     jobs_list = eval_jobs(policies, config.eval_chips, config.eval_workloads, config.eval_seeds,
-                          config.eval_duration_s)
+                          config.eval_duration_s, config.eval_drain_s)
     todo = [j for j in jobs_list if not (eval_dir / f"{j.key()}.json").exists()]
     done = show.run("evaluation", todo, run_eval_job, jobs)
     for job, result in zip(todo, done):

@@ -31,6 +31,7 @@ class EvalJob:
     workload: str
     seed: int
     duration_s: float
+    drain_s: float = 0.0
 
     def key(self) -> str:
         tag = self.policy
@@ -43,7 +44,8 @@ def run_eval_job(job: EvalJob) -> dict[str, Any]:
     from ailfmd.policy.onnx_policy import OnnxPolicy
     from ailfmd.policy.oracle import Oracle, cost_summary
 
-    scenario = Scenario(load_chip(job.chip), load_workload(job.workload), job.seed, job.duration_s)
+    scenario = Scenario(load_chip(job.chip), load_workload(job.workload), job.seed, job.duration_s,
+                        drain_s=job.drain_s)
     extra: dict[str, Any] = {}
     if job.policy == "oracle":
         holder: dict[str, Oracle] = {}
@@ -67,8 +69,9 @@ def run_eval_job(job: EvalJob) -> dict[str, Any]:
 
 
 def eval_jobs(policies: list[str], chips: tuple[str, ...], workloads: tuple[str, ...],
-              seeds: tuple[int, ...], duration_s: float) -> list[EvalJob]:
-    return [EvalJob(p, c, w, s, duration_s) for c in chips for w in workloads for s in seeds for p in policies]
+              seeds: tuple[int, ...], duration_s: float, drain_s: float = 0.0) -> list[EvalJob]:
+    return [EvalJob(p, c, w, s, duration_s, drain_s) for c in chips for w in workloads for s in seeds
+            for p in policies]
 
 
 def default_policies() -> list[str]:

@@ -31,3 +31,19 @@ def test_the_shield_tames_a_reckless_policy_in_the_simulator() -> None:
     assert bare.time_above_dtm_s > 0.5
     assert shielded.time_above_dtm_s < 0.5 * bare.time_above_dtm_s
     assert shielded.peak_temp_c < load_chip("3d-64").dtm.critical_c
+
+
+def test_draining_answers_every_request_that_arrived() -> None:
+    from ailfmd.policy.baselines import get_baseline
+
+    chip, wl = load_chip("3d-64"), load_workload("long-context")
+    cut = run_scenario(Scenario(chip, wl, 2, 4.0), get_baseline("linux")).metrics
+    drained = run_scenario(Scenario(chip, wl, 2, 4.0, drain_s=60.0), get_baseline("linux")).metrics
+    assert cut.requests_in_flight > 0  # arrivals stop, requests still running
+    assert drained.requests_arrived == cut.requests_arrived
+    assert drained.requests_in_flight == 0 and drained.requests_completed == drained.requests_arrived
+    assert 4.0 < drained.duration_s < 64.0
+    # The run stops at the first epoch end with nothing in flight, not at the drain limit.
+    short = run_scenario(Scenario(chip, wl, 2, 4.0, drain_s=drained.duration_s - 4.0 + 5.0),
+                         get_baseline("linux")).metrics
+    assert short.duration_s == drained.duration_s
