@@ -202,6 +202,7 @@ def train(config: TrainConfig, out_dir: str | Path, jobs: int = 1, resume: bool 
     rounds: list[dict[str, Any]] = []
     files: list[Path] = []
     for r in range(config.rounds + 1):
+        t_round = time.monotonic()
         data_dir = out / "data" / f"round{r}"
         data_dir.mkdir(parents=True, exist_ok=True)
         specs = round_specs(config, r, learner)
@@ -215,6 +216,8 @@ def train(config: TrainConfig, out_dir: str | Path, jobs: int = 1, resume: bool 
         if not (model_path.exists() and info_path.exists()):
             show.say(f"{name}: fitting on {len(files)} episodes")
             info = fit_round(config, files, model_path, r)
+            # Episodes and fit of this round; a resumed round counts only what it redid.
+            info["round_wall_s"] = time.monotonic() - t_round
             write_json(info_path, info)
         info = json.loads(info_path.read_text())
         rounds.append(info)
@@ -222,7 +225,9 @@ def train(config: TrainConfig, out_dir: str | Path, jobs: int = 1, resume: bool 
                  f"cap MAE {info['imitation'].get('cap_mae', float('nan')):.3f}, placement agreement "
                  f"{info['imitation'].get('placement_agreement', float('nan')):.2f}")
         learner = str(model_path)
-    train_s = time.monotonic() - t_start
+    # Training time from the rounds' own records, so a resumed training reports the
+    # time its rounds took, not the time of the last (resuming) invocation.
+    train_s = sum(float(i.get("round_wall_s", 0.0)) for i in rounds) or time.monotonic() - t_start
     bc, final = out / "models" / "round0.onnx", out / "models" / f"round{config.rounds}.onnx"
     # The final policy also behind the daemon's safety shield: what a deployment runs.
     summary = evaluate(config, out, {"bc": f"onnx:{bc}", "dagger": f"onnx:{final}",

@@ -71,6 +71,7 @@ def test_dagger_aggregates_learner_visited_states(quick_training) -> None:
     r0 = json.loads((out / "models" / "round0.json").read_text())
     r1 = json.loads((out / "models" / "round1.json").read_text())
     assert r0["data"]["learner_steps"] == 0
+    assert r0["round_wall_s"] > 0 and r1["round_wall_s"] > 0
     assert r1["data"]["episodes"] == 2 * r0["data"]["episodes"]
     assert r1["data"]["steps"] > r0["data"]["steps"]
     assert r1["data"]["learner_steps"] > 0
