@@ -92,9 +92,15 @@ def check(config: BenchConfig) -> None:
         _chip(chip)
     for workload in config.workloads:
         _workload(workload)
-    unknown = [p for p in config.policies if p not in known_policies()]
+    unknown = [p for p in config.policies if p not in known_policies() and not p.endswith(".onnx")]
     if unknown:
-        raise BenchError(f"unknown policy {', '.join(map(repr, unknown))}; known: {', '.join(known_policies())}")
+        raise BenchError(f"unknown policy {', '.join(map(repr, unknown))}; known: {', '.join(known_policies())}, "
+                         "or a learned policy's .onnx file")
+    for p in config.policies:
+        if p.endswith(".onnx"):
+            from ailfmd.policy.onnx_policy import OnnxPolicy
+
+            OnnxPolicy(p, service=False)  # refused files are named here, not in a worker
 
 
 @lru_cache(maxsize=None)
@@ -131,18 +137,23 @@ def run_one(config: BenchConfig, chip: str, workload: str, policy: str, seed: in
             oracle.append(Oracle(platform, epoch_s=config.epoch_s))
             return oracle[0]
         target = factory
+    elif policy.endswith(".onnx"):
+        from ailfmd.policy.onnx_policy import OnnxPolicy
+
+        target = OnnxPolicy(policy, service=False)
     else:
         target = get_baseline(policy)
     t0 = time.perf_counter()
     result = run_scenario(scenario, target, on_epoch=record)
     wall_s = time.perf_counter() - t0
-    row: dict = {"chip": chip_obj.name, "workload": scenario.workload.name, "policy": policy, "seed": seed}
+    name = f"learned:{Path(policy).stem}" if policy.endswith(".onnx") else policy
+    row: dict = {"chip": chip_obj.name, "workload": scenario.workload.name, "policy": name, "seed": seed}
     row.update(result.metrics.as_dict())
     row["arrival_window_s"] = config.duration_s
     cost = cost_summary(oracle[0]) if oracle else {}
     row.update(wall_s=round(wall_s, 3), epochs=result.epochs,
                oracle_decision_ms=cost.get("mean_ms"), oracle_lookaheads=cost.get("lookaheads_mean"))
-    return row, {"chip": row["chip"], "workload": row["workload"], "policy": policy, "seed": seed, **trace}
+    return row, {"chip": row["chip"], "workload": row["workload"], "policy": name, "seed": seed, **trace}
 
 
 def run_bench(config: BenchConfig, progress: TextIO | None = sys.stderr) -> tuple[list[dict], list[dict]]:

@@ -136,7 +136,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--chips", type=_csv, help="comma-separated chip names or TOML files")
     b.add_argument("--workloads", type=_csv, help="comma-separated workload names or TOML files")
     b.add_argument("--policies", type=_csv,
-                   help="comma-separated policies (baselines and 'oracle'; default all)")
+                   help="comma-separated policies: baselines, 'oracle', learned .onnx files "
+                        "(default every baseline and the oracle)")
     b.add_argument("--seeds", type=_int_csv, help="comma-separated seeds (default 0)")
     b.add_argument("--duration", type=_positive_float, metavar="S", help="simulated seconds per run")
     b.add_argument("--epoch-ms", type=_positive_float, default=DEFAULT_EPOCH_S * 1e3,

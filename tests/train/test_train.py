@@ -178,3 +178,20 @@ def test_the_card_names_the_command_that_reproduces_a_configuration() -> None:
     assert command_line(replace(TrainConfig(), rounds=2, eval_seeds=(1, 2), duration_s=5.0)) == \
         "ailfm train --out DIR --duration 5 --rounds 2 --eval-seeds 1,2"
     assert "negatives = 3, set in code" in command_line(replace(TrainConfig(), negatives=3))
+
+
+def test_the_bench_runs_a_learned_policy_file_beside_the_baselines(quick_training, tmp_path: Path) -> None:
+    from ailfmd.lab import bench
+
+    out, _ = quick_training
+    cfg = bench.BenchConfig(chips=("tiny",), workloads=("tiny-test",), policies=("linux", str(out / "policy.onnx")),
+                            seeds=(0,), duration_s=1.0, jobs=1, drain_s=5.0)
+    rows, _ = bench.run_bench(cfg, progress=None)
+    assert sorted(r["policy"] for r in rows) == ["learned:policy", "linux"]
+    assert all(r["requests_in_flight"] == 0 for r in rows)
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"nope")
+    os.chmod(bad, 0o644)
+    with pytest.raises(AilfmError, match="bad.onnx"):
+        bench.check(bench.BenchConfig(chips=("tiny",), workloads=("tiny-test",), policies=(str(bad),),
+                                      seeds=(0,), duration_s=1.0))
