@@ -183,3 +183,18 @@ def test_decides_on_a_real_linux_layout(quick_training, machine: str, machine_sy
         assert st.hw_min_khz <= khz <= st.hw_max_khz
     if machine == "vm-bare":  # no cpufreq: nothing to cap
         assert decision.action.freq_cap_khz == {}
+
+
+def test_the_shipped_policy_loads_and_matches_this_ailfmd() -> None:
+    """policies/default.onnx is what the package installs and tools/run.sh runs: a change
+    of the feature schema or the policy contract without retraining fails here."""
+    path = Path(__file__).resolve().parents[2] / "policies" / "default.onnx"
+    policy = OnnxPolicy(path, service=False)
+    meta = policy.metadata
+    assert meta["trained_on"]["chips"] == ["3d-64"]
+    assert {"bc", "dagger"} <= set(meta["scores"])
+    assert len(meta["rounds"]) >= 2 and meta["rounds"][-1]["data"]["learner_steps"] > 0
+    sc = Scenario(load_chip("3d-64"), load_workload("bursty"), 7, 3.0)
+    result = run_scenario(sc, policy)
+    assert result.refused_actions == 0 and result.metrics.requests_arrived > 0
+    assert (Path(__file__).resolve().parents[2] / "policies" / "default.md").read_text().startswith("# Model card")
