@@ -194,7 +194,7 @@ def test_the_shipped_policy_loads_and_matches_this_ailfmd() -> None:
     assert meta["trained_on"]["chips"] == ["3d-64"]
     assert {"bc", "dagger"} <= set(meta["scores"])
     assert len(meta["rounds"]) >= 2 and meta["rounds"][-1]["data"]["learner_steps"] > 0
-    sc = Scenario(load_chip("3d-64"), load_workload("decode-heavy"), 0, 3.0)
+    sc = Scenario(load_chip("3d-64"), load_workload("prefill-heavy"), 900, 2.0)
     result = run_scenario(sc, policy)
     assert result.refused_actions == 0 and result.metrics.requests_arrived > 0
     assert (Path(__file__).resolve().parents[2] / "policies" / "default.md").read_text().startswith("# Model card")
