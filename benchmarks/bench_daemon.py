@@ -1,6 +1,7 @@
 """Daemon cost: the whole control loop on a 64-CPU machine tree with 64 managed threads.
 
     .venv/bin/python benchmarks/bench_daemon.py [--seconds 120] [--cpus 64] [--threads 64]
+        [--thread-sample-every N]
 
 Runs the real daemon (LinuxPlatform on a generated Xeon-like tree, stepwise policy,
 safety shield, metrics, control socket, history) at 10 Hz in enforce mode, managing the
@@ -68,6 +69,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=120.0)
     ap.add_argument("--cpus", type=int, default=64)
     ap.add_argument("--threads", type=int, default=64)
+    ap.add_argument("--thread-sample-every", type=int, default=None,
+                    help="platform.thread_sample_every (default: the configuration's default)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ailfmd-bench", dir="/tmp"))
     sysfs = build_large(tmp, n_cpus=args.cpus, packages=2)
@@ -79,7 +82,12 @@ def main() -> None:
         cfg = dataclasses.replace(
             base,
             daemon=dataclasses.replace(base.daemon, mode="enforce", epoch_ms=100, run_dir=tmp / "run"),
-            platform=dataclasses.replace(base.platform, kind="linux", sysfs_root=sysfs),
+            platform=dataclasses.replace(
+                base.platform,
+                kind="linux",
+                sysfs_root=sysfs,
+                thread_sample_every=args.thread_sample_every or base.platform.thread_sample_every,
+            ),
             targets=TargetSelector(pids=(child.pid,)),
             policy=dataclasses.replace(base.policy, kind="baseline", baseline="stepwise", fallback="linux"),
             metrics=dataclasses.replace(base.metrics, port=free_port()),
@@ -117,7 +125,9 @@ def main() -> None:
         sampler_stop.set()
         s = sorted(totals)
         threads = len(daemon.loop.last.observation.threads) if daemon.loop.last else 0
-        print(f"{args.cpus} CPUs, {threads} managed threads, {len(s)} epochs at 10 Hz over {w1 - w0:.0f} s")
+        every = cfg.platform.thread_sample_every
+        print(f"{args.cpus} CPUs, {threads} managed threads, {len(s)} epochs at 10 Hz over {w1 - w0:.0f} s, "
+              f"thread counters every {every} epoch{'s' if every > 1 else ''}")
         print(f"epoch: median {statistics.median(s) * 1e3:.2f} ms, p99 {s[int(0.99 * len(s))] * 1e3:.2f} ms")
         print("phases (median ms): " + ", ".join(f"{k} {statistics.median(v) * 1e3:.2f}" for k, v in phases.items()))
         print(f"CPU: {100 * (c1 - c0) / (w1 - w0):.2f} % of one core")

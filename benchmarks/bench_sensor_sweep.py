@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=256)
     ap.add_argument("--threads", type=int, default=32)
     ap.add_argument("--sweeps", type=int, default=2000)
+    ap.add_argument("--thread-sample-every", type=int, default=1,
+                    help="read each thread's counters every N sweeps (the daemon's default is 3)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         sysfs = build_large(Path(tmp), n_cpus=args.cpus)
@@ -70,7 +72,8 @@ def main() -> None:
         assert child.stdout is not None and child.stdout.readline().strip() == "ready"
         try:
             plat = LinuxPlatform(
-                sysfs_root=sysfs, run_dir=Path(tmp) / "run", targets=TargetSelector(pids=(child.pid,))
+                sysfs_root=sysfs, run_dir=Path(tmp) / "run", targets=TargetSelector(pids=(child.pid,)),
+                thread_sample_every=args.thread_sample_every,
             )
             for _ in range(50):  # warm up: open descriptors, perf events
                 plat.observe()

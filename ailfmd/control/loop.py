@@ -35,17 +35,23 @@ def validate_decision(decision: object, obs: Observation) -> Decision:
     if not isinstance(decision, Decision) or not isinstance(decision.action, Action):
         raise PolicyOutputError(f"policy returned {type(decision).__name__}, not a Decision")
     caps = decision.action.freq_cap_khz
+    online = obs.cpus
+    clean_caps: dict[int, int] = {}
     for cpu, cap in caps.items():
-        if cpu not in obs.cpus:
+        if type(cap) is int and cap > 0 and cpu in online:
+            clean_caps[cpu] = cap  # the usual case, checked at once
+            continue
+        if cpu not in online:
             raise PolicyOutputError(f"frequency cap for unknown cpu {cpu!r}")
         if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0:
             raise PolicyOutputError(f"frequency cap for cpu {cpu} is {cap!r}")
+        clean_caps[cpu] = int(cap)
+    online_set = online.keys()
     for ref, cpus in decision.action.affinity.items():
         if not isinstance(ref, ThreadRef):
             raise PolicyOutputError(f"affinity key {ref!r} is not a thread")
-        if not cpus or not set(cpus) <= set(obs.cpus):
+        if not cpus or not set(cpus) <= online_set:
             raise PolicyOutputError(f"affinity for thread {ref.tid} is {sorted(cpus)!r}, not a set of online CPUs")
-    clean_caps = {cpu: int(cap) for cpu, cap in caps.items()}
     # Threads that are no longer observed are dropped: the policy saw an older world.
     affinity = {ref: frozenset(c) for ref, c in decision.action.affinity.items() if ref.tid in obs.threads}
     return Decision(Action(affinity=affinity, freq_cap_khz=clean_caps), decision.reasons, decision.info)

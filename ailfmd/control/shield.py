@@ -75,13 +75,25 @@ class SafetyShield:
         simulated chip's DTM threshold)."""
         cfg = self.config
         hw = {(r.sensor.chip, r.sensor.sensor): (r.max_c, r.crit_c) for r in obs.sensors} if cfg.follow_sensor_limits else {}
+        configured = (cfg.limit_c, max(cfg.critical_c, cfg.limit_c + 0.1))
         out: dict[int, tuple[float, float]] = {}
+        by_source: dict[int, tuple[float, float]] = {}  # id(sensor) -> limits: CPUs share sensors
         for cpu, st in obs.cpus.items():
             src = st.temp.source
-            max_c, crit_c = hw.get((src.chip, src.sensor), (None, None)) if src is not None else (None, None)
-            limit = cfg.limit_c if max_c is None else min(cfg.limit_c, max_c)
-            crit = cfg.critical_c if crit_c is None else min(cfg.critical_c, crit_c)
-            out[cpu] = (limit, max(crit, limit + 0.1))
+            if src is None or not hw:
+                out[cpu] = configured
+                continue
+            pair = by_source.get(id(src))
+            if pair is None:
+                max_c, crit_c = hw.get((src.chip, src.sensor), (None, None))
+                if max_c is None and crit_c is None:
+                    pair = configured
+                else:
+                    limit = cfg.limit_c if max_c is None else min(cfg.limit_c, max_c)
+                    crit = cfg.critical_c if crit_c is None else min(cfg.critical_c, crit_c)
+                    pair = (limit, max(crit, limit + 0.1))
+                by_source[id(src)] = pair
+            out[cpu] = pair
         return out
 
     def filter(self, obs: Observation, decision: Decision) -> tuple[Decision, tuple[Reason, ...]]:
@@ -95,32 +107,46 @@ class SafetyShield:
         hot: list[int] = []
         critical_pkgs: set[int] = set()
         predicted: dict[int, float] = {}
+        time_s = obs.time_s
+        last = self._last
+        margin_c = cfg.margin_c
         for cpu, st in obs.cpus.items():
             t = st.temp.temp_c
             if t is None:
                 continue
-            predicted[cpu] = self._predict(cpu, obs.time_s, t)
+            # As _predict(), inline: this runs for every CPU every epoch.
+            seen = last.get(cpu)
+            last[cpu] = (time_s, t)
+            p = t if seen is None or time_s <= seen[0] else t + max(0.0, t - seen[1])
+            predicted[cpu] = p
             limit_c, critical_c = limits[cpu]
             if t >= critical_c:
                 critical_pkgs.add(self.topology.cpus[cpu].package_id if cpu in self.topology.cpus else -1)
-            if t >= limit_c - cfg.margin_c or predicted[cpu] >= limit_c:
+            if t >= limit_c - margin_c or p >= limit_c:
                 hot.append(cpu)
+        hot_set = set(hot)
+        shield_caps = self._caps_khz
+        policy_caps = self._policy_caps
         for cpu, st in obs.cpus.items():
-            lo, hi = self._range(st)
-            if lo is None or hi is None:
+            if st.hw_min_khz is None or st.hw_max_khz is None:
                 continue
             # What the policy wants in effect: its ask now, else its last ask (policies
             # send only changes), else no cap. The shield's cap is a ceiling on it and
             # must never raise a cap the policy set lower.
             asked = caps.get(cpu)
             if asked is not None:
-                self._policy_caps[cpu] = asked
-            policy_cap = self._policy_caps.get(cpu, hi)
+                policy_caps[cpu] = asked
+            if (cpu not in hot_set and cpu not in shield_caps
+                    and (not critical_pkgs or self._package(cpu) not in critical_pkgs)):
+                continue  # cool, no shield cap of its own, no critical package: nothing to do
+            lo, hi = self._range(st)
+            assert lo is not None and hi is not None
+            policy_cap = policy_caps.get(cpu, hi)
             limit_c, critical_c = limits[cpu]
             guard_c = limit_c - cfg.margin_c
             release_c = limit_c - 2 * cfg.margin_c
             t = st.temp.temp_c
-            pkg = self.topology.cpus[cpu].package_id if cpu in self.topology.cpus else -1
+            pkg = self._package(cpu)
             sensor = f"{st.temp.source.chip}/{st.temp.source.sensor}" if st.temp.source else None
             prev = self._caps_khz.get(cpu)
             if pkg in critical_pkgs:
@@ -163,6 +189,9 @@ class SafetyShield:
             return decision, ()
         action = Action(affinity=affinity, freq_cap_khz=caps)
         return Decision(action, decision.reasons + tuple(reasons), dict(decision.info)), tuple(reasons)
+
+    def _package(self, cpu: int) -> int:
+        return self.topology.cpus[cpu].package_id if cpu in self.topology.cpus else -1
 
     def _predict(self, cpu: int, time_s: float, temp_c: float) -> float:
         """Temperature expected one epoch ahead if it keeps rising as it did (never lower

@@ -154,7 +154,9 @@ class ThreadSample:
     last_cpu: int | None
     affinity: frozenset[int]
     # Counter deltas since the previous observation, by name. A name missing from
-    # the mapping means "not measurable here", never zero.
+    # the mapping means "not measurable here", never zero. A platform that measures a
+    # thread less often than every observation reports the per-observation share of
+    # the window it measured (deltas x interval / window), so rates stay right.
     counters: Mapping[str, float] = field(default_factory=dict)
 
 

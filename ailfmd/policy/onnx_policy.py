@@ -139,9 +139,13 @@ class OnnxPolicy:
                  guard_c: float | None = DEFAULT_GUARD_C, release_band_c: float = DEFAULT_RELEASE_BAND_C,
                  release_steps: int = DEFAULT_RELEASE_STEPS,
                  cap_grouping: str | None = None, carry: bool = True) -> None:
-        import onnxruntime as ort
-
         self.path = str(Path(path))
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            # Debian does not package onnxruntime: the daemon must fall back, not crash.
+            raise PolicyFileError(self.path, f"cannot run it: the onnxruntime Python module is not "
+                                             f"installed ({e}); pip install onnxruntime") from None
         check_file_safety(self.path, running_as_service() if service is None else service)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads

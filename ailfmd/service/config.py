@@ -20,6 +20,7 @@ from pathlib import Path
 from ailfmd.control.records import MODES
 from ailfmd.errors import ConfigError
 from ailfmd.platform.linux.targets import TargetSelector
+from ailfmd.platform.linux.threads import DEFAULT_SAMPLE_EVERY
 from ailfmd.tomlcheck import Style, Table
 
 DEFAULT_CONFIG_PATH = Path("/etc/ailfmd/ailfmd.toml")
@@ -37,6 +38,7 @@ CRITICAL_C_RANGE = (40.0, 150.0)
 MARGIN_C_RANGE = (0.0, 30.0)  # exclusive of 0: acting exactly at the limit is too late
 MIN_FREQ_KHZ_RANGE = (1, 10_000_000)  # 10 GHz
 SIM_SPEED_RANGE = (0.0, 10_000.0)  # exclusive of 0
+THREAD_SAMPLE_EVERY_RANGE = (1, 100)  # epochs between two reads of a thread's counters
 SUN_PATH_MAX_BYTES = 107  # sockaddr_un.sun_path is 108 bytes including the NUL
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # baseline names
@@ -89,6 +91,9 @@ class PlatformSettings:
     sysfs_root: Path = Path("/sys")
     procfs_root: Path = Path("/proc")
     cgroupfs_root: Path = Path("/sys/fs/cgroup")
+    # Read each managed thread's counters every this many epochs (linux only); in the
+    # epochs between, its last sample is reused (see docs/configuration.md).
+    thread_sample_every: int = DEFAULT_SAMPLE_EVERY
     sim: SimSettings = field(default_factory=SimSettings)
 
 
@@ -217,6 +222,8 @@ def parse_config(text: str, source: str) -> DaemonConfig:
         sysfs_root=t.path("sysfs_root", default=PlatformSettings.sysfs_root),
         procfs_root=t.path("procfs_root", default=PlatformSettings.procfs_root),
         cgroupfs_root=t.path("cgroupfs_root", default=PlatformSettings.cgroupfs_root),
+        thread_sample_every=t.integer("thread_sample_every", *THREAD_SAMPLE_EVERY_RANGE,
+                                      default=PlatformSettings.thread_sample_every),
         sim=sim,
     )
     t.finish()

@@ -68,6 +68,7 @@ def build_platform(cfg: DaemonConfig, wall_clock: Any = time.monotonic) -> tuple
         run_dir=cfg.daemon.run_dir,
         targets=cfg.targets,
         cgroupfs_root=p.cgroupfs_root,
+        thread_sample_every=p.thread_sample_every,
     )
     return plat, "linux"
 

@@ -122,3 +122,83 @@ def test_capabilities_say_what_the_box_can_do(machine) -> None:
     assert caps.has("per_core_temperature") == per_core
     if not has_temp:
         assert "frequency left untouched" in caps.items["package_temperature"].detail
+
+
+def test_repeated_observations_follow_every_change(tmp_path: Path, machine_copy) -> None:
+    """Records are reused while their files read the same; any change shows at once."""
+    tree = machine_copy("xeon-2s-ht")
+    plat = LinuxPlatform(sysfs_root=tree, run_dir=tmp_path / "run", use_perf=False, slow_every=4)
+    try:
+        first = plat.observe()
+        second = plat.observe()
+        assert second.cpus == first.cpus and second.sensors == first.sensors
+        assert second.cpus[0] is first.cpus[0]  # nothing changed: the same record
+        hwmon = tree / "devices/platform/coretemp.0/hwmon/hwmon2"
+        label = next(p for p in hwmon.glob("temp*_label") if p.read_text().strip() == "Core 1")
+        (hwmon / label.name.replace("_label", "_input")).write_text("71000\n")
+        pol = tree / "devices/system/cpu/cpufreq/policy0"
+        (pol / "scaling_cur_freq").write_text("2100000\n")
+        third = plat.observe()
+        assert third.cpus[1].temp.temp_c == 71.0 and third.cpus[17].temp.temp_c == 71.0
+        assert third.cpus[0].freq_khz == 2_100_000
+        assert third.cpus[2] is second.cpus[2]
+        assert [r.temp_c for r in third.sensors].count(71.0) == 1
+        # Slow state (limits) is re-read in turn: a changed limit shows within slow_every.
+        (pol / "scaling_max_freq").write_text("2000000\n")
+        caps = [plat.observe().cpus[0].cap_khz for _ in range(4)]
+        assert caps[-1] == 2_000_000
+        assert plat.observe().policies[0].max_khz == 2_000_000
+    finally:
+        plat.close()
+
+
+def test_policy_reader_reuses_only_what_read_the_same(tmp_path: Path, machine_copy) -> None:
+    from ailfmd.platform.linux import cpufreq
+    from ailfmd.platform.linux.hotfiles import HotFiles
+    from ailfmd.platform.linux.sysfs import Root
+
+    tree = machine_copy("xeon-2s-ht")
+    plat = LinuxPlatform(sysfs_root=tree, run_dir=tmp_path / "run", use_perf=False)
+    st = plat._d.policies[0]
+    plat.close()
+    hot = HotFiles(Root(tree))
+    pol = tree / st.paths.dir_rel
+    try:
+        reader = cpufreq.PolicyReader(hot, st)
+        first = reader.read()
+        assert first == cpufreq.read_policy(hot, st)
+        assert reader.read() is first  # nothing changed: the same record
+        (pol / "scaling_cur_freq").write_text("2200000\n")
+        cur = reader.read()
+        assert cur.cur_khz == 2_200_000 and cur == cpufreq.read_policy(hot, st)
+        (pol / "scaling_max_freq").write_text("garbage\n")
+        bad = reader.read()
+        assert bad.max_khz is None and any("scaling_max_freq" in e for e in bad.errors)
+        assert bad == cpufreq.read_policy(hot, st)
+        (pol / "scaling_max_freq").write_text("2500000\n")
+        good = reader.read()
+        assert good.max_khz == 2_500_000 and not any("scaling_max_freq" in e for e in good.errors)
+        assert good == cpufreq.read_policy(hot, st)
+    finally:
+        hot.close()
+
+
+def test_a_sensor_that_fails_and_recovers_between_observations(tmp_path: Path, machine_copy) -> None:
+    tree = machine_copy("xeon-2s-ht")
+    plat = LinuxPlatform(sysfs_root=tree, run_dir=tmp_path / "run", use_perf=False)
+    hwmon = tree / "devices/platform/coretemp.0/hwmon/hwmon2"
+    label = next(p for p in hwmon.glob("temp*_label") if p.read_text().strip() == "Core 1")
+    core1 = hwmon / label.name.replace("_label", "_input")
+    try:
+        good = plat.observe().cpus[1].temp
+        assert good.source is not None and good.source.scope == "core"
+        core1.write_text("garbage\n")
+        bad = plat.observe().cpus[1].temp
+        assert bad.source is not None and bad.source.scope == "package"
+        assert "fallback because" in bad.reason
+        assert plat.observe().cpus[1].temp.reason == bad.reason  # still failing, still said
+        core1.write_text("55000\n")
+        again = plat.observe().cpus[1].temp
+        assert again.temp_c == 55.0 and again.source == good.source and again.reason == good.reason
+    finally:
+        plat.close()

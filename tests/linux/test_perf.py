@@ -689,3 +689,27 @@ def test_a_group_leader_that_fails_to_read_retires_only_itself(child: Child) -> 
         again = tc.read_deltas()
     assert set(again) == {"context_switches", "page_faults"}
     assert again["context_switches"] is not None and again["context_switches"] >= 10
+
+
+def test_add_deltas_is_read_deltas_scaled_leaving_out_the_uncounted() -> None:
+    names = ("task_clock_ns", "context_switches", "page_faults")
+    tid = threading.get_native_id()
+    with perf.ThreadCounters(tid, names) as a, perf.ThreadCounters(tid, names) as b:
+        if a.available != names or len(a.groups) != 1:
+            pytest.skip(f"software events unavailable as one group: {a.missing}")
+        # Cumulative (enabled, running, values) of the group: an interval on the PMU
+        # throughout, one multiplexed half of the time, one never on the PMU.
+        reads = [(1000, 1000, (10, 20, 30)), (3000, 2000, (30, 60, 90)), (4000, 2000, (50, 70, 95))]
+        for tc in (a, b):
+            feed = iter(reads)
+            g = tc._groups[0]
+            tc._read_groups = lambda g=g, feed=feed: [(g, *next(feed))]  # type: ignore[method-assign]
+        for scale in (1.0, 0.5, 0.25):
+            want = b.read_deltas()
+            got: dict[str, float] = {}
+            a.add_deltas(got, scale)
+            assert set(got) == {n for n, v in want.items() if v is not None}
+            for n, v in got.items():
+                assert isinstance(v, float)
+                assert v == pytest.approx(want[n] * scale)
+        assert got == {}  # the last interval was never counted: nothing, not zeros

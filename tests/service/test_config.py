@@ -53,6 +53,7 @@ kind = "sim"
 sysfs_root = "/tmp/fixture/sys"
 procfs_root = "/tmp/fixture/proc"
 cgroupfs_root = "/tmp/fixture/cgroup"
+thread_sample_every = 5
 
 [platform.sim]
 chip = "tiny"
@@ -99,6 +100,7 @@ def test_every_key_parses() -> None:
     assert (p.kind, p.sysfs_root, p.procfs_root, p.cgroupfs_root) == (
         "sim", Path("/tmp/fixture/sys"), Path("/tmp/fixture/proc"), Path("/tmp/fixture/cgroup"),
     )
+    assert p.thread_sample_every == 5
     assert (p.sim.chip, p.sim.workload, p.sim.seed, p.sim.speed) == ("tiny", "/srv/workloads/chat.toml", 42, 20.0)
     assert isinstance(p.sim.speed, float)
     assert c.targets == TargetSelector(
@@ -136,6 +138,7 @@ def test_defaults() -> None:
     assert c.daemon.mode == "observe"  # first installs touch nothing
     assert c.daemon.epoch_ms == 100
     assert c.platform.kind == "linux"
+    assert c.platform.thread_sample_every == 3
     assert c.targets.is_empty
     assert (c.safety.limit_c, c.safety.margin_c, c.safety.critical_c) == (85.0, 3.0, 95.0)
     assert c.safety.min_freq_khz is None
@@ -282,6 +285,8 @@ def test_wrong_types(text: str, key: str, value: str) -> None:
         ("[metrics]\nport = 70000\n", "metrics.port", "70000"),
         ("[policy]\ntimeout_ms = 0\n", "policy.timeout_ms", "0"),
         ("[platform.sim]\nspeed = 0.0\n", "platform.sim.speed", "0.0"),
+        ("[platform]\nthread_sample_every = 0\n", "platform.thread_sample_every", "0"),
+        ("[platform]\nthread_sample_every = 101\n", "platform.thread_sample_every", "101"),
         ("[platform.sim]\nseed = -1\n", "platform.sim.seed", "-1"),
         ("[targets]\npids = [0]\n", "targets.pids[0]", "0"),
     ],

@@ -264,3 +264,20 @@ def test_bad_config_is_refused_with_key_and_value(short_dir: Path) -> None:
     res = subprocess.run([*DAEMON, "--config", str(config)], capture_output=True, text=True, timeout=30)
     assert res.returncode == 2
     assert "daemon.epoch_ms" in res.stderr and "-5" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_thread_sample_every_reaches_the_platform(machine_copy, short_dir: Path) -> None:
+    from ailfmd.service.config import parse_config
+    from ailfmd.service.daemon import build_platform
+
+    tree = machine_copy("xeon-2s-ht")
+    cfg = parse_config(
+        f'[daemon]\nrun_dir = "{short_dir / "run"}"\n[platform]\nsysfs_root = "{tree}"\nthread_sample_every = 4\n',
+        "test.toml",
+    )
+    plat, name = build_platform(cfg)
+    try:
+        assert name == "linux"
+        assert plat.threads.sample_every == 4  # type: ignore[attr-defined]
+    finally:
+        plat.close()

@@ -198,3 +198,24 @@ def test_the_shipped_policy_loads_and_matches_this_ailfmd() -> None:
     result = run_scenario(sc, policy)
     assert result.refused_actions == 0 and result.metrics.requests_arrived > 0
     assert (Path(__file__).resolve().parents[2] / "policies" / "default.md").read_text().startswith("# Model card")
+
+
+def test_without_onnxruntime_the_daemon_falls_back(quick_training, tmp_path: Path) -> None:
+    """Debian has no onnxruntime: loading must fail with a reason, never crash the daemon.
+    A child interpreter where importing onnxruntime fails, as on a plain Debian box."""
+    import subprocess
+    import sys
+
+    out, _ = quick_training
+    good = _copy(out / "policy.onnx", tmp_path / "good.onnx")
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    (blocker / "onnxruntime.py").write_text("raise ImportError('No module named onnxruntime')\n")
+    code = ("from pathlib import Path\nfrom ailfmd.service.config import PolicySettings\n"
+            "from ailfmd.service.policies import load_policy\n"
+            f"p = load_policy(PolicySettings(kind='onnx', path=Path({str(good)!r})))\n"
+            "print(type(p.policy).__name__, '|', p.policy.reason)\n")
+    env = {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("UnavailablePolicy |") and "onnxruntime" in res.stdout

@@ -18,6 +18,7 @@ Driver rules that matter for capping:
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import re
@@ -164,6 +165,58 @@ def read_policy(hot: HotFiles, st: PolicyStatic) -> FreqPolicy:
         energy_perf_preference=epp,
         errors=tuple(errors),
     )
+
+
+class PolicyReader:
+    """:func:`read_policy` of one policy, epoch after epoch, cheaply.
+
+    The raw content of its live files is compared with the previous read: when nothing
+    changed the previous :class:`FreqPolicy` is returned (the same object), when only the
+    current frequency did it is copied with the new one, and anything else (a change of
+    limit, governor or EPP, an unreadable or odd value) goes through :func:`read_policy`.
+    """
+
+    def __init__(self, hot: HotFiles, st: PolicyStatic) -> None:
+        self.hot = hot
+        self.st = st
+        d = st.paths.dir_rel
+        self._rels = [f"{d}/{name}" for name in
+                      ("scaling_governor", "energy_performance_preference", "scaling_min_freq", "scaling_max_freq")]
+        self._cur_rel = f"{d}/scaling_cur_freq"
+        self._resolve()
+        self._raw: list[bytes | None] | None = None
+        self._last: FreqPolicy | None = None
+
+    def _fd(self, rel: str) -> int:
+        try:
+            return self.hot._fd(rel)
+        except SysfsError:
+            return -1  # absent (no EPP on classic drivers) or unopenable: read_policy says why
+
+    def _resolve(self) -> None:
+        """The descriptors HotFiles holds now (it re-opens a file whose device went away)."""
+        self._fds = [self._fd(rel) for rel in self._rels]
+        self._cur_fd = self._fd(self._cur_rel)
+
+    def read(self) -> FreqPolicy:
+        pread = os.pread
+        last = self._last
+        try:
+            raw = [pread(fd, 4096, 0) if fd >= 0 else None for fd in self._fds]
+            cur = int(pread(self._cur_fd, 64, 0)) if self._cur_fd >= 0 else None
+        except (OSError, ValueError):
+            raw, cur = None, None
+        if last is not None and raw is not None and raw == self._raw:
+            if cur == last.cur_khz:
+                return last
+            if cur is not None and 0 < cur <= MAX_PLAUSIBLE_KHZ and last.cur_khz is not None:
+                self._last = dataclasses.replace(last, cur_khz=cur)
+                return self._last
+        self._last = read_policy(self.hot, self.st)
+        if raw is None:
+            self._resolve()
+        self._raw = raw
+        return self._last
 
 
 def clamp_cap(st: PolicyStatic, policy: FreqPolicy, cap_khz: int) -> tuple[int, str]:

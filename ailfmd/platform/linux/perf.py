@@ -45,6 +45,7 @@ import ctypes
 import errno as errno_mod
 import fcntl
 import functools
+import operator
 import os
 import platform
 import struct
@@ -901,6 +902,29 @@ class ThreadCounters:
                 for name, value, last in zip(g.names, values, last_values):
                     out[name] = (value - last) * enabled / running
         return out
+
+    def add_deltas(self, out: dict[str, float], scale: float = 1.0) -> None:
+        """:meth:`read_deltas` written into ``out``, each delta multiplied by ``scale``,
+        and counters not counted in the interval (None there) left out.
+
+        The per-epoch path of the thread tracker: no intermediate mapping, and a group
+        whose counters all ran the whole interval is converted in one C-level pass.
+        """
+        sub = operator.sub
+        for g, enabled, running, values in self._read_groups():
+            last_enabled, last_running, last_values = g.last
+            g.last = (enabled, running, values)
+            enabled -= last_enabled
+            running -= last_running
+            if enabled <= 0 or running >= enabled:
+                if scale == 1.0:
+                    out.update(zip(g.names, map(float, map(sub, values, last_values))))
+                else:
+                    out.update(zip(g.names, [(v - last) * scale for v, last in zip(values, last_values)]))
+            elif running:
+                out.update(zip(
+                    g.names, [(v - last) * enabled / running * scale for v, last in zip(values, last_values)]
+                ))
 
     def close(self) -> None:
         """Close every counter fd; safe to call twice."""

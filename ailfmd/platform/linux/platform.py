@@ -36,9 +36,9 @@ from ailfmd.platform.linux.journal import Journal
 from ailfmd.platform.linux.others import find_other_managers
 from ailfmd.platform.linux.restore import restore_journal
 from ailfmd.platform.linux.sysfs import Root
-from ailfmd.platform.linux.temps import TempPlan, cpu_temperatures, plan_temperatures, readings_from_values
+from ailfmd.platform.linux.temps import TempCache, plan_temperatures
 from ailfmd.platform.linux.thermal_zones import discover_zones
-from ailfmd.platform.linux.threads import ThreadTracker
+from ailfmd.platform.linux.threads import DEFAULT_SAMPLE_EVERY as DEFAULT_THREAD_SAMPLE_EVERY, ThreadTracker
 from ailfmd.platform.linux.topology import read_topology
 from ailfmd.platform.linux.targets import TargetSelector
 
@@ -80,6 +80,7 @@ class LinuxPlatform:
         use_perf: bool = True,
         clock: Callable[[], float] = time.monotonic,
         slow_every: int = 10,
+        thread_sample_every: int = DEFAULT_THREAD_SAMPLE_EVERY,
     ) -> None:
         self.sysfs = Root(sysfs_root)
         self.procfs = Root(procfs_root)
@@ -92,7 +93,9 @@ class LinuxPlatform:
         self._hot = HotFiles(self.sysfs)
         self.cgroupfs, cgroup_note = find_cgroup2(Path(cgroupfs_root))
         self._cgroup_note = cgroup_note
-        self.threads = ThreadTracker(self.procfs, self.cgroupfs, targets or TargetSelector(), use_perf=use_perf)
+        self.threads = ThreadTracker(
+            self.procfs, self.cgroupfs, targets or TargetSelector(), use_perf=use_perf, sample_every=thread_sample_every
+        )
         self.slow_every = slow_every
         self._d = self._discover()
         self._open_banks()
@@ -124,9 +127,16 @@ class LinuxPlatform:
         d = self._d
         self._temp_bank = IntBank(self._hot, [s.path for s in d.plan.sensors])
         self._cur_bank = IntBank(self._hot, [f"{p.paths.dir_rel}/scaling_cur_freq" for p in d.policies])
+        self._temps = TempCache(d.plan)
+        self._policy_readers = [cpufreq.PolicyReader(self._hot, st) for st in d.policies]
         self._policies: tuple[FreqPolicy, ...] | None = None
         self._throttle: dict[int, ThrottleCounts | None] = {}
         self._epoch = 0
+        # Per online CPU: (cpu, policy index or None), and the CpuState built last epoch
+        # with what it was built from, reused while none of that changes.
+        self._cpu_policy = [(cpu, d.policy_of_cpu.get(cpu)) for cpu in d.topology.online_cpus]
+        self._cpu_states: dict[int, tuple[object, object, object, object, CpuState]] = {}
+        self._unchanged_caps: dict[int, tuple[tuple[int, int | None, int | None], ApplyOutcome]] = {}
 
     def rediscover(self) -> None:
         """Re-read topology, sensors and policies (CPU or sensor hotplug)."""
@@ -178,17 +188,30 @@ class LinuxPlatform:
 
         They change rarely (or only when we write them), so each epoch re-reads one
         ``slow_every``-th of them in turn (``part``), which keeps every sweep equally
-        cheap; ``part=None`` re-reads all (first sweep, after a cap was written).
+        cheap; ``part=None`` re-reads all (first sweep, after a cap was written). A
+        record that reads the same as before is kept (the same object).
         """
         d = self._d
         n = self.slow_every
-        pols = list(self._policies) if self._policies is not None else [None] * len(d.policies)
-        for i in range(len(d.policies)) if part is None else range(part, len(d.policies), n):
-            pols[i] = cpufreq.read_policy(self._hot, d.policies[i])
-        self._policies = tuple(p for p in pols if p is not None)
-        cpus = d.throttle_cpus if part is None else d.throttle_cpus[part::n]
-        for c in cpus:
-            self._throttle[c] = cpufreq.read_throttle(self._hot, c)
+        old = self._policies
+        readers = self._policy_readers
+        if old is None or part is None:
+            self._policies = tuple(r.read() for r in readers)
+        else:
+            pols: list[FreqPolicy] | None = None
+            for i in range(part, len(readers), n):
+                new = readers[i].read()
+                if new is not old[i] and new != old[i]:
+                    if pols is None:
+                        pols = list(old)
+                    pols[i] = new
+            if pols is not None:
+                self._policies = tuple(pols)
+        throttle = self._throttle
+        for c in d.throttle_cpus if part is None else d.throttle_cpus[part::n]:
+            new_t = cpufreq.read_throttle(self._hot, c)
+            if c not in throttle or new_t != throttle[c]:
+                throttle[c] = new_t
 
     def observe(self) -> Observation:
         d = self._d
@@ -198,28 +221,42 @@ class LinuxPlatform:
             self._refresh_slow_state(self._epoch % self.slow_every)
         self._epoch += 1
         temp_values, temp_errors = self._temp_bank.read()
-        readings = readings_from_values(d.plan, temp_values, temp_errors)
-        temps = cpu_temperatures(d.plan, readings)
+        readings, temps = self._temps.update(temp_values, temp_errors)
         cur_values, _ = self._cur_bank.read()
         policies = self._policies or ()
+        throttle = self._throttle.get
+        states = self._cpu_states
+        max_khz = cpufreq.MAX_PLAUSIBLE_KHZ
         cpus = {}
-        for cpu in d.topology.online_cpus:
-            pi = d.policy_of_cpu.get(cpu)
-            pol = policies[pi] if pi is not None else None
-            cur = cur_values[pi] if pi is not None else None
-            cpus[cpu] = CpuState(
+        for cpu, pi in self._cpu_policy:
+            temp = temps[cpu]
+            thr = throttle(cpu)
+            if pi is not None:
+                pol: FreqPolicy | None = policies[pi]
+                cur = cur_values[pi]
+                if cur is not None and not 0 < cur <= max_khz:
+                    cur = None
+            else:
+                pol = cur = None
+            known = states.get(cpu)
+            if known is not None and known[0] is temp and known[1] == cur and known[2] is pol and known[3] is thr:
+                cpus[cpu] = known[4]
+                continue
+            st = cpus[cpu] = CpuState(
                 cpu,
-                temps[cpu],
-                cur if cur is not None and 0 < cur <= cpufreq.MAX_PLAUSIBLE_KHZ else None,
+                temp,
+                cur,
                 pol.max_khz if pol else None,
                 pol.hw_min_khz if pol else None,
                 pol.hw_max_khz if pol else None,
-                self._throttle.get(cpu),
+                thr,
             )
+            states[cpu] = (temp, cur, pol, thr, st)
+        now = self._clock()
         return Observation(
-            time_s=self._clock(),
+            time_s=now,
             cpus=cpus,
-            threads=self.threads.sample(),
+            threads=self.threads.sample(now),
             sensors=tuple(readings.values()),
             policies=policies,
         )
@@ -242,17 +279,25 @@ class LinuxPlatform:
 
     def _apply_cap(self, pi: int, cap_khz: int) -> ApplyOutcome:
         st = self._d.policies[pi]
-        target = f"policy{st.paths.policy_id}"
-        rel = f"{st.paths.dir_rel}/scaling_max_freq"
         # The cached state is at most `slow_every` epochs old and every write is read
         # back, so re-reading the policy before each write would only cost syscalls.
         cached = self._policies[pi] if self._policies is not None and pi < len(self._policies) else None
         live = cached if cached is not None and cached.policy_id == st.paths.policy_id else cpufreq.read_policy(self._hot, st)
+        # Policies may restate every cap every epoch: a request that changed nothing last
+        # time, against the same limits, changes nothing now and gets the same outcome.
+        key = (cap_khz, live.min_khz, live.max_khz)
+        same = self._unchanged_caps.get(pi)
+        if same is not None and same[0] == key:
+            return same[1]
+        target = f"policy{st.paths.policy_id}"
+        rel = f"{st.paths.dir_rel}/scaling_max_freq"
         if live.max_khz is None:
             return ApplyOutcome(target, f"{cap_khz} kHz", None, False, "scaling_max_freq unreadable")
         value, note = cpufreq.clamp_cap(st, live, cap_khz)
         if value == live.max_khz:
-            return ApplyOutcome(target, f"{cap_khz} kHz", f"{value} kHz", True, note or "unchanged")
+            outcome = ApplyOutcome(target, f"{cap_khz} kHz", f"{value} kHz", True, note or "unchanged")
+            self._unchanged_caps[pi] = (key, outcome)
+            return outcome
         try:
             self.journal.record(
                 {"kind": "sysfs", "root": str(self.sysfs.path), "path": rel, "original": str(live.max_khz)}

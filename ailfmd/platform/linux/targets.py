@@ -28,6 +28,7 @@ import os
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path, PurePosixPath
+from typing import Callable
 
 from ailfmd.errors import ConfigError, NoSuchThread, SysfsError
 from ailfmd.platform.base import ThreadRef
@@ -36,6 +37,10 @@ from ailfmd.platform.linux.sysfs import Root
 
 DEFAULT_CGROUPFS = "/sys/fs/cgroup"
 SELECTOR_SOURCE = "targets"
+
+# A caller's answer for a tid it already knows: the ThreadRef if that very thread is
+# still alive (so its stat need not be read again), else None.
+KnownThread = Callable[[int], ThreadRef | None]
 
 # Unit types that own a cgroup (targets, timers, paths, devices and automounts do not).
 _CGROUP_UNIT_SUFFIXES = (".service", ".scope", ".slice", ".socket", ".mount", ".swap")
@@ -111,12 +116,16 @@ class TargetSelector:
 # --------------------------------------------------------------------------- discovery
 
 
-def _process_threads(procfs: Root, pid: int, self_pid: int) -> list[ThreadRef]:
+def _process_threads(procfs: Root, pid: int, self_pid: int, known: KnownThread | None = None) -> list[ThreadRef]:
     """All threads of one user-space process; [] if it is gone, ours or a kthread."""
     if pid == self_pid:
         return []
     out: list[ThreadRef] = []
     for tid in pfs.list_tids(procfs, pid):
+        ref = known(tid) if known is not None else None
+        if ref is not None and ref.pid == pid:
+            out.append(ref)  # a thread of a process already found not to be a kthread
+            continue
         try:
             st = pfs.read_task_stat(procfs, pid, tid)
         except NoSuchThread:
@@ -190,9 +199,15 @@ def unit_cgroup_paths(procfs: Root, unit: str) -> tuple[str, ...]:
     return tuple(sorted(found))
 
 
-def _cgroup_threads(procfs: Root, cgroupfs: Root, path: str, self_pid: int) -> list[ThreadRef]:
+def _cgroup_threads(
+    procfs: Root, cgroupfs: Root, path: str, self_pid: int, known: KnownThread | None = None
+) -> list[ThreadRef]:
     out: list[ThreadRef] = []
     for tid in cgroup_thread_ids(cgroupfs, path):
+        ref = known(tid) if known is not None else None
+        if ref is not None and ref.pid != self_pid:
+            out.append(ref)
+            continue
         try:
             pid = pfs.read_tgid(procfs, tid)
             if pid == self_pid:
@@ -212,11 +227,14 @@ def discover_threads(
     cgroupfs: Root | None = None,
     *,
     self_pid: int | None = None,
+    known: KnownThread | None = None,
 ) -> tuple[ThreadRef, ...]:
     """The threads ``selector`` names right now, sorted by (pid, tid), each once.
 
     ``cgroupfs`` defaults to ``/sys/fs/cgroup``; ``self_pid`` (default: this
-    process) is never a target.
+    process) is never a target. ``known(tid)``, if given, returns the ref of a thread
+    the caller already tracks and knows to be alive (None otherwise); such a thread's
+    ``stat`` is not read again.
     """
     cgroupfs = cgroupfs if cgroupfs is not None else Root(DEFAULT_CGROUPFS)
     me = os.getpid() if self_pid is None else self_pid
@@ -231,7 +249,7 @@ def discover_threads(
             tgid = pfs.read_tgid(procfs, pid)
         except NoSuchThread:
             continue
-        add(_process_threads(procfs, tgid, me))
+        add(_process_threads(procfs, tgid, me, known))
 
     if selector.comm_patterns:
         patterns = [re.compile(p) for p in selector.comm_patterns]
@@ -243,12 +261,12 @@ def discover_threads(
                     continue
             except NoSuchThread:
                 continue
-            add(_process_threads(procfs, pid, me))
+            add(_process_threads(procfs, pid, me, known))
 
     cgroup_paths = list(selector.cgroup_paths)
     for unit in selector.systemd_units:
         cgroup_paths.extend(unit_cgroup_paths(procfs, unit))
     for path in dict.fromkeys(cgroup_paths):
-        add(_cgroup_threads(procfs, cgroupfs, path, me))
+        add(_cgroup_threads(procfs, cgroupfs, path, me, known))
 
     return tuple(sorted(found.values(), key=lambda r: (r.pid, r.tid)))

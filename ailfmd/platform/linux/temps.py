@@ -203,26 +203,79 @@ def readings_from_values(
     return out
 
 
+def _choose(cpu: int, cands: tuple[Candidate, ...], readings: dict[str, TempReading]) -> CpuTemp:
+    """The first candidate with a value, with the reason and any fallback."""
+    skipped: list[str] = []
+    for cand in cands:
+        r = readings.get(cand.sensor.path)
+        if r is not None and r.temp_c is not None:
+            reason = cand.reason
+            if skipped:
+                reason += "; fallback because " + "; ".join(skipped)
+            return CpuTemp(cpu, r.temp_c, cand.sensor, reason)
+        why = r.error if r is not None else "not read"
+        skipped.append(f"{cand.sensor.chip}/{cand.sensor.sensor}: {why}")
+    reason = "no temperature sensor for this CPU"
+    if skipped:
+        reason = "no readable sensor: " + "; ".join(skipped)
+    return CpuTemp(cpu, None, None, reason)
+
+
 def cpu_temperatures(plan: TempPlan, readings: dict[str, TempReading]) -> dict[int, CpuTemp]:
     """Per CPU: the first candidate with a value, with the reason and any fallback."""
-    out: dict[int, CpuTemp] = {}
-    for cpu, cands in plan.per_cpu.items():
-        skipped: list[str] = []
-        chosen: CpuTemp | None = None
-        for cand in cands:
-            r = readings.get(cand.sensor.path)
-            if r is not None and r.temp_c is not None:
-                reason = cand.reason
-                if skipped:
-                    reason += "; fallback because " + "; ".join(skipped)
-                chosen = CpuTemp(cpu, r.temp_c, cand.sensor, reason)
-                break
-            why = r.error if r is not None else "not read"
-            skipped.append(f"{cand.sensor.chip}/{cand.sensor.sensor}: {why}")
-        if chosen is None:
-            reason = "no temperature sensor for this CPU"
-            if skipped:
-                reason = "no readable sensor: " + "; ".join(skipped)
-            chosen = CpuTemp(cpu, None, None, reason)
-        out[cpu] = chosen
-    return out
+    return {cpu: _choose(cpu, cands, readings) for cpu, cands in plan.per_cpu.items()}
+
+
+class TempCache:
+    """:func:`readings_from_values` and :func:`cpu_temperatures` for one plan, epoch
+    after epoch, reusing last epoch's records where nothing changed: a sensor whose raw
+    value is the same keeps its :class:`TempReading`, and a CPU whose best candidate
+    kept its reading keeps its :class:`CpuTemp`. The records are immutable, so this
+    only spares rebuilding them (and lets later stages compare them by identity)."""
+
+    def __init__(self, plan: TempPlan) -> None:
+        self.plan = plan
+        n = len(plan.sensors)
+        self._limits = [plan.limits_c.get(s.path, (None, None)) for s in plan.sensors]
+        self._raw: list[int | None] = [None] * n
+        self._readings: list[TempReading | None] = [None] * n
+        self._per_cpu = [(cpu, cands, cands[0].sensor.path if cands else None) for cpu, cands in plan.per_cpu.items()]
+        self._temps: dict[int, tuple[TempReading | None, CpuTemp]] = {}
+
+    def update(
+        self, values: list[int | None], errors: dict[int, str]
+    ) -> tuple[dict[str, TempReading], dict[int, CpuTemp]]:
+        """(readings by path, temperature per CPU) for raw values in ``plan.sensors`` order."""
+        sensors = self.plan.sensors
+        raws, cache = self._raw, self._readings
+        readings: dict[str, TempReading] = {}
+        for i, raw in enumerate(values):
+            r = cache[i]
+            if r is None or raw is None or raw != raws[i]:
+                s = sensors[i]
+                max_c, crit_c = self._limits[i]
+                if raw is None:
+                    r = TempReading(s, None, errors.get(i, "unreadable"), max_c, crit_c)
+                elif PLAUSIBLE_MIN_C <= raw / 1000.0 <= PLAUSIBLE_MAX_C:
+                    r = TempReading(s, raw / 1000.0, None, max_c, crit_c)
+                else:
+                    r = TempReading(s, None, f"implausible temperature {raw} m°C", max_c, crit_c)
+                cache[i], raws[i] = r, raw
+            readings[sensors[i].path] = r
+        temps: dict[int, CpuTemp] = {}
+        last = self._temps
+        for cpu, cands, first_path in self._per_cpu:
+            first = readings.get(first_path) if first_path is not None else None
+            if first is not None and first.temp_c is not None:
+                known = last.get(cpu)
+                if known is not None and known[0] is first:
+                    temps[cpu] = known[1]
+                    continue
+                t = temps[cpu] = _choose(cpu, cands, readings)
+                last[cpu] = (first, t)
+            else:
+                # The best source has no value: the fallback's reason names why; rare,
+                # so built afresh every time.
+                temps[cpu] = _choose(cpu, cands, readings)
+                last.pop(cpu, None)
+        return readings, temps

@@ -2,18 +2,33 @@
 
 Each tracked thread keeps its ``stat`` and ``schedstat`` files open: procfs answers a
 read on such a descriptor with ESRCH once that task is gone, even if its tid was reused
-since, so an open descriptor is a reuse-proof handle and one pread per file per epoch.
+since, so an open descriptor is a reuse-proof handle and one pread per file per
+measurement.
 The set of targets is re-discovered every ``discover_every`` epochs (new request threads
 show up within that many epochs). A thread that vanished is dropped silently; that is
 normal for an inference server's worker pool. Counters come from ``perf_event_open``
 where the machine has them and from ``schedstat`` always; a counter this machine cannot
 measure is absent from the sample, never reported as zero.
+
+Counters may be read at a lower rate than the epoch: with ``sample_every`` = N each
+thread is measured every N-th call of :meth:`ThreadTracker.sample`, the threads spread
+round-robin over the N phases so that every call measures about the same number. A
+measurement reports the per-epoch share of what the counters did since the thread's
+previous measurement (the window's deltas times ``this interval / window``), so a rate
+derived from one epoch's deltas and the epoch length is the window's average rate.
+In the calls between two measurements the thread's last sample is handed out again:
+same counters (hence the same rates while epochs are evenly spaced), same ``comm`` and
+``last_cpu``. Its CPU set is as current as with a measurement every call (re-read at
+every re-discovery and after ailfmd sets it); a thread whose CPU set ailfmd changes is
+measured again at the next call, and a thread that has exited is noticed at its next
+measurement, at its next re-discovery, or when a change to it fails.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import time
 from dataclasses import dataclass
 
 from ailfmd.errors import NoSuchThread, SysfsError, ThreadReused, WriteRefused
@@ -32,11 +47,15 @@ class _Tracked:
     stat_fd: int
     sched_fd: int
     counters: ThreadCounters | None
-    sched_prev: pfs.SchedStat | None = None
+    sched_prev: tuple[int, int, int] | None = None  # run_ns, wait_ns, timeslices
     # Last known CPU set: re-read at every re-discovery and after we set it (only the
     # application or an operator changes it otherwise, and that is seen within
     # `discover_every` epochs).
     affinity: frozenset[int] | None = None
+    slot: int = 0  # measured in the calls where call number % sample_every == slot
+    measured_s: float | None = None  # when the counters were last read
+    comm_raw: bytes = b""
+    comm: str = ""
 
     def close(self) -> None:
         for fd in (self.stat_fd, self.sched_fd):
@@ -56,8 +75,16 @@ def _pread_text(fd: int, tid: int) -> str:
         raise
 
 
+# Measure each thread's counters every this many epochs by default (see the module doc).
+DEFAULT_SAMPLE_EVERY = 3
+
+
 class ThreadTracker:
-    """Finds the target threads and samples them; owns their descriptors."""
+    """Finds the target threads and samples them; owns their descriptors.
+
+    ``sample_every``: measure each thread's counters every that many calls of
+    :meth:`sample` (see the module docstring); 1 measures every thread every call.
+    """
 
     def __init__(
         self,
@@ -66,12 +93,22 @@ class ThreadTracker:
         selector: TargetSelector,
         use_perf: bool = True,
         discover_every: int = 10,
+        sample_every: int = 1,
     ) -> None:
+        if sample_every < 1:
+            raise ValueError(f"sample_every must be at least 1, got {sample_every}")
         self.procfs = procfs
         self.cgroupfs = cgroupfs
         self.selector = selector
         self.discover_every = discover_every
+        self.sample_every = sample_every
         self._tracked: dict[int, _Tracked] = {}  # by tid
+        self._phases: list[dict[int, _Tracked]] = [{} for _ in range(sample_every)]  # by slot, then tid
+        self._pending: dict[int, _Tracked] = {}  # measured at the next call whatever their phase
+        self._samples: dict[int, ThreadSample] = {}  # the latest sample of every tracked thread
+        self._check_affinity = False  # re-read the CPU set of the threads not measured next call
+        self._calls = 0  # calls of sample(): which phase is measured
+        self._last_call_s: float | None = None
         self._epochs_since_discovery: int | None = None
         self._pmu: dict[str, str | None] = probe_pmu() if use_perf else {}
         self._events = tuple(n for n, why in self._pmu.items() if why is None)
@@ -101,19 +138,34 @@ class ThreadTracker:
         }
 
     # ------------------------------------------------------------------ discovery
+    def _known(self, tid: int) -> ThreadRef | None:
+        """A tracked thread's ref if that very thread is still alive: its open descriptor
+        reads (ESRCH once it is gone, even if the tid was reused), so discovery need not
+        open and parse its ``stat`` again."""
+        tr = self._tracked.get(tid)
+        if tr is None:
+            return None
+        try:
+            os.pread(tr.sched_fd if tr.sched_fd >= 0 else tr.stat_fd, 1024, 0)
+        except OSError:
+            return None
+        return tr.ref
+
     def _rediscover(self) -> None:
-        refs = discover_threads(self.selector, self.procfs, self.cgroupfs)
+        refs = discover_threads(self.selector, self.procfs, self.cgroupfs, known=self._known)
         wanted = {r.tid: r for r in refs}
         for tid in [t for t, tr in self._tracked.items() if wanted.get(t) != tr.ref]:
-            self._tracked.pop(tid).close()
+            self._drop(tid)
         for tr in self._tracked.values():
             tr.affinity = None
+        self._check_affinity = True
         for tid, ref in wanted.items():
             if tid not in self._tracked:
                 try:
-                    self._tracked[tid] = self._open(ref)
+                    tr = self._tracked[tid] = self._open(ref)
                 except (NoSuchThread, ThreadReused, SysfsError):
                     continue  # gone between discovery and open
+                self._pending[tid] = tr  # a first sample at once
         self._epochs_since_discovery = 0
 
     def _open(self, ref: ThreadRef) -> _Tracked:
@@ -137,46 +189,129 @@ class ThreadTracker:
         except BaseException:
             tracked.close()
             raise
+        # The least busy phase, so that every call measures about as many threads.
+        sizes = [len(p) for p in self._phases]
+        tracked.slot = sizes.index(min(sizes))
+        self._phases[tracked.slot][ref.tid] = tracked
         return tracked
 
+    def _drop(self, tid: int) -> None:
+        tr = self._tracked.pop(tid)
+        del self._phases[tr.slot][tid]
+        self._pending.pop(tid, None)
+        self._samples.pop(tid, None)
+        tr.close()
+
+    def _drop_all(self) -> None:
+        for tr in self._tracked.values():
+            tr.close()
+        self._tracked.clear()
+        for p in self._phases:
+            p.clear()
+        self._pending.clear()
+        self._samples.clear()
+
     # ------------------------------------------------------------------ sampling
-    def sample(self) -> dict[int, ThreadSample]:
+    def sample(self, now: float | None = None) -> dict[int, ThreadSample]:
+        """One sample per tracked thread; ``now`` (monotonic seconds, default: the clock
+        now) is the time the counter windows are measured against."""
         if self.selector.is_empty:
-            for tr in self._tracked.values():
-                tr.close()
-            self._tracked.clear()
+            self._drop_all()
             return {}
         if self._epochs_since_discovery is None or self._epochs_since_discovery >= self.discover_every:
             self._rediscover()
         assert self._epochs_since_discovery is not None
         self._epochs_since_discovery += 1
-        out: dict[int, ThreadSample] = {}
-        for tid in list(self._tracked):
-            tr = self._tracked[tid]
+        if now is None:
+            now = time.monotonic()
+        prev_s, self._last_call_s = self._last_call_s, now
+        due = self._phases[self._calls % self.sample_every]
+        self._calls += 1
+        samples = self._samples
+        gone: set[int] = set()
+        for tid, tr in due.items():
             try:
-                out[tid] = self._sample_one(tr)
+                samples[tid] = self._measure(tr, now, prev_s)
             except (NoSuchThread, SysfsError):
-                self._tracked.pop(tid).close()  # exited: normal
-        return out
+                gone.add(tid)  # exited: normal
+        if self._pending:
+            for tid, tr in self._pending.items():
+                if tid not in due:
+                    try:
+                        samples[tid] = self._measure(tr, now, prev_s)
+                    except (NoSuchThread, SysfsError):
+                        gone.add(tid)
+            self._pending.clear()
+        if self._check_affinity:
+            # After a re-discovery: the CPU sets of the threads not measured this call.
+            self._check_affinity = False
+            for tid, tr in self._tracked.items():
+                if tr.affinity is None and tid in samples and tid not in gone:
+                    last = samples[tid]
+                    try:
+                        got = get_affinity(tid)
+                    except NoSuchThread:
+                        gone.add(tid)
+                        continue
+                    if got == last.affinity:
+                        tr.affinity = last.affinity
+                    else:
+                        tr.affinity = got
+                        samples[tid] = ThreadSample(last.ref, last.comm, last.last_cpu, got, last.counters)
+        for tid in gone:
+            self._drop(tid)
+        return dict(samples)
 
-    def _sample_one(self, tr: _Tracked) -> ThreadSample:
+    def _measure(self, tr: _Tracked, now: float, prev_s: float | None) -> ThreadSample:
         ref = tr.ref
-        rel = f"{ref.pid}/task/{ref.tid}/stat"
-        st = pfs.parse_task_stat(_pread_text(tr.stat_fd, ref.tid), rel)
-        counters: dict[str, float] = {}
-        if tr.counters is not None:
-            counters.update({k: v for k, v in tr.counters.read_deltas().items() if v is not None})
-        if tr.sched_fd >= 0:
-            ss = pfs.parse_schedstat(_pread_text(tr.sched_fd, ref.tid), f"{ref.pid}/task/{ref.tid}/schedstat")
-            prev = tr.sched_prev
-            if prev is not None:
-                counters["run_ns"] = float(ss.run_ns - prev.run_ns)
-                counters["wait_ns"] = float(ss.wait_ns - prev.wait_ns)
-                counters["timeslices"] = float(ss.timeslices - prev.timeslices)
-            tr.sched_prev = ss
+        tid = ref.tid
+        try:
+            raw = os.pread(tr.stat_fd, 1024, 0)
+            # Only comm (field 2) and processor (field 39) are needed here: split off the
+            # part after the last ')' (comm may contain any byte) up to field 39.
+            close = raw.rfind(b")")
+            fields = raw[close + 2 :].split(b" ", 37)
+            try:
+                if close < 0 or len(fields) < 37:
+                    raise ValueError
+                last_cpu: int | None = int(fields[36])
+            except ValueError:
+                # Unusual content: the full parser names the problem (or finds no field 39).
+                last_cpu = pfs.parse_task_stat(raw.decode("ascii", "replace"), f"{ref.pid}/task/{tid}/stat").last_cpu
+            comm_raw = raw[raw.find(b"(") + 1 : close]
+            if comm_raw != tr.comm_raw:
+                tr.comm_raw, tr.comm = comm_raw, comm_raw.decode("ascii", "replace")
+            # Per-epoch share of the window since the last measurement (1 when that was
+            # the previous call, and for a first measurement, whose window is since opening).
+            scale = 1.0
+            measured_s = tr.measured_s
+            if measured_s is not None and prev_s is not None and measured_s != prev_s and now > measured_s:
+                scale = (now - prev_s) / (now - measured_s)
+            counters: dict[str, float] = {}
+            if tr.counters is not None:
+                tr.counters.add_deltas(counters, scale)
+            if tr.sched_fd >= 0:
+                ss_raw = os.pread(tr.sched_fd, 1024, 0)
+                try:
+                    run_ns, wait_ns, slices = ss_raw.split()
+                    ss = (int(run_ns), int(wait_ns), int(slices))
+                except ValueError:
+                    p = pfs.parse_schedstat(ss_raw.decode("ascii", "replace"), f"{ref.pid}/task/{tid}/schedstat")
+                    ss = (p.run_ns, p.wait_ns, p.timeslices)
+                prev = tr.sched_prev
+                if prev is not None:
+                    counters["run_ns"] = (ss[0] - prev[0]) * scale
+                    counters["wait_ns"] = (ss[1] - prev[1]) * scale
+                    counters["timeslices"] = (ss[2] - prev[2]) * scale
+                tr.sched_prev = ss
+        except OSError as e:
+            if e.errno == errno.ESRCH:
+                raise NoSuchThread(tid) from None
+            raise
         if tr.affinity is None:
-            tr.affinity = get_affinity(ref.tid)
-        return ThreadSample(ref=ref, comm=st.comm, last_cpu=st.last_cpu, affinity=tr.affinity, counters=counters)
+            tr.affinity = get_affinity(tid)
+        tr.measured_s = now
+        return ThreadSample(ref, tr.comm, last_cpu, tr.affinity, counters)
 
     # ------------------------------------------------------------------ actuation
     def set_affinity(self, ref: ThreadRef, cpus: frozenset[int], journal: Journal) -> ApplyOutcome:
@@ -207,9 +342,14 @@ class ThreadTracker:
             )
             if tracked is not None and tracked.ref == ref:
                 got = self._set_tracked(tracked, cpus)
+                # Measured at the next call: where it runs now, not where it ran.
+                self._pending[ref.tid] = tracked
             else:
                 got = set_affinity(self.procfs, ref, cpus)
         except (NoSuchThread, ThreadReused) as e:
+            gone = self._tracked.get(ref.tid)
+            if gone is not None and gone.ref == ref:
+                self._drop(ref.tid)  # exited since it was last measured: out of the next sample
             return ApplyOutcome(target, want, None, False, str(e))
         except WriteRefused as e:
             return ApplyOutcome(target, want, None, False, e.reason)
@@ -232,6 +372,4 @@ class ThreadTracker:
         return tr.affinity
 
     def close(self) -> None:
-        for tr in self._tracked.values():
-            tr.close()
-        self._tracked.clear()
+        self._drop_all()
