@@ -80,10 +80,13 @@ def cap_inputs(core: np.ndarray, thread: np.ndarray) -> np.ndarray:
     # Hottest CPU of the same die: CPUs with equal sink distance share a layer.
     t_or_floor = np.where(has_t, temp, -np.inf)
     dist = core[:, _CI["sink_distance"]]
-    group = np.empty(n, dtype=np.float32)
-    for d in np.unique(dist):
-        same = dist == d
-        group[same] = t_or_floor[same].max()
+    if dist.min() == dist.max():  # one die (or no die stack known): the chip's maximum
+        group = np.full(n, t_or_floor.max())
+    else:
+        levels, inverse = np.unique(dist, return_inverse=True)
+        top = np.full(len(levels), -np.inf)
+        np.maximum.at(top, inverse, t_or_floor)
+        group = top[inverse]
     ctx[:, 3] = np.where(np.isfinite(group), group, 0.0)
     m = thread.shape[0]
     ctx[:, 4] = m / n
@@ -115,9 +118,12 @@ def assign(scores: np.ndarray) -> np.ndarray:
     CPUs, a new pass starts once every CPU is taken (CPUs are shared evenly).
     """
     m, n = scores.shape
-    out = np.full(m, -1, dtype=np.intp)
     if m == 0 or n == 0:
         return np.zeros(0, dtype=np.intp)
+    best = scores.argmax(axis=1)
+    if m <= n and len(set(best.tolist())) == m:
+        return best  # nobody wants another's best CPU: the usual steady state
+    out = np.full(m, -1, dtype=np.intp)
     free = np.ones(n, dtype=bool)
     left = np.arange(m)
     while left.size:
@@ -166,6 +172,7 @@ class CapDecoder:
         self._groups = [(np.array(rows), np.array(ladder, dtype=float)) for ladder, rows in by_ladder.items()]
         self._hw_max = np.array([float(obs.cpus[c].hw_max_khz or 0) if c in obs.cpus else 0.0
                                  for c in cpus])
+        self._cpu_ids = np.array(cpus, dtype=np.int64)
         self._key = key
 
     def decode(self, obs: Observation, cpus: tuple[int, ...], cap_frac: np.ndarray) -> dict[int, int]:
@@ -179,8 +186,7 @@ class CapDecoder:
             hi = np.clip(np.searchsorted(ladder, w), 0, len(ladder) - 1)
             lo = np.clip(hi - 1, 0, len(ladder) - 1)
             pick = np.where(np.abs(ladder[lo] - w) <= np.abs(ladder[hi] - w), ladder[lo], ladder[hi])
-            for r, khz in zip(rows.tolist(), pick.tolist()):
-                caps[cpus[r]] = int(khz)
+            caps.update(zip(self._cpu_ids[rows].tolist(), pick.astype(np.int64).tolist()))
         return caps
 
 
