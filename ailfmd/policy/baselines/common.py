@@ -22,16 +22,29 @@ def ladders_khz(obs: Observation, n_steps: int = DEFAULT_LADDER_STEPS) -> dict[i
     ``n_steps`` even steps between the hardware limits (intel_pstate, amd-pstate and cppc
     have no table). A CPU without known limits has no ladder and is left alone.
     """
-    tables = {c: sorted(set(p.available_khz), reverse=True)
-              for p in obs.policies if p.available_khz for c in p.cpus}
+    # CPUs share a handful of distinct tables: sort each once (this runs every epoch).
+    # The lists are shared between CPUs; callers read them, never change them.
+    sorted_tables: dict[tuple[int, ...], list[int]] = {}
+    tables: dict[int, list[int]] = {}
+    for p in obs.policies:
+        if p.available_khz:
+            table = sorted_tables.get(p.available_khz)
+            if table is None:
+                table = sorted_tables[p.available_khz] = sorted(set(p.available_khz), reverse=True)
+            for c in p.cpus:
+                tables[c] = table
+    even: dict[tuple[int, int], list[int]] = {}
     out: dict[int, list[int]] = {}
     for cpu, st in obs.cpus.items():
         if cpu in tables:
             out[cpu] = tables[cpu]
         elif st.hw_min_khz is not None and st.hw_max_khz is not None:
             lo, hi = st.hw_min_khz, st.hw_max_khz
-            out[cpu] = sorted({int(hi - (hi - lo) * k / n_steps) for k in range(n_steps + 1)},
-                              reverse=True)
+            steps = even.get((lo, hi))
+            if steps is None:
+                steps = even[(lo, hi)] = sorted({int(hi - (hi - lo) * k / n_steps) for k in range(n_steps + 1)},
+                                                reverse=True)
+            out[cpu] = steps
     return out
 
 
