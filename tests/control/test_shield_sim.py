@@ -2,41 +2,16 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from ailfmd.control.loop import ControlLoop
 from ailfmd.control.shield import SafetyShield, ShieldConfig
-from ailfmd.platform.base import Action, Capabilities, Observation, Topology
-from ailfmd.policy.base import Decision
 from ailfmd.policy.baselines import get_baseline
 from ailfmd.sim.chip import load_chip
 from ailfmd.sim.platform import SimPlatform
 from ailfmd.sim.workload import load_workload
+from randompolicy import RandomActions
 
 DURATION_S = 8.0
 EPOCH_S = 0.1
-
-
-class RandomActions:
-    """Random caps (often the maximum) and random single-CPU pinning, every epoch."""
-
-    name = "random"
-
-    def __init__(self, seed: int) -> None:
-        self.rng = np.random.default_rng(seed)
-
-    def reset(self, topology: Topology, capabilities: Capabilities) -> None:
-        self.cpus = sorted(topology.cpus)
-
-    def decide(self, obs: Observation) -> Decision:
-        caps = {}
-        for cpu, st in obs.cpus.items():
-            lo, hi = st.hw_min_khz or 1, st.hw_max_khz or 1
-            caps[cpu] = hi if self.rng.random() < 0.6 else int(self.rng.uniform(lo, hi))
-        # Pile threads onto a few CPUs of the hottest (top) layer to make things worse.
-        top = self.cpus[-16:]
-        affinity = {t.ref: frozenset({int(self.rng.choice(top))}) for t in obs.threads.values()}
-        return Decision(Action(affinity=affinity, freq_cap_khz=caps))
 
 
 def run(policy, shield: bool, seed: int = 3) -> tuple[float, float, int]:
@@ -58,7 +33,7 @@ def run(policy, shield: bool, seed: int = 3) -> tuple[float, float, int]:
 
 def test_random_policy_under_the_shield_is_no_worse_than_linux() -> None:
     chip = load_chip("3d-64")
-    peak_r, above_r, n_shield = run(RandomActions(7), shield=True)
+    peak_r, above_r, n_shield = run(RandomActions(7, p_max=0.6, last_cpus=16), shield=True)
     peak_l, above_l, _ = run(get_baseline("linux"), shield=False)
     assert n_shield > 0, "the shield must have acted on this hot workload"
     assert peak_r < chip.dtm.critical_c
@@ -67,6 +42,6 @@ def test_random_policy_under_the_shield_is_no_worse_than_linux() -> None:
 
 def test_without_the_shield_random_actions_are_worse() -> None:
     """The test above would be vacuous if random actions were harmless on their own."""
-    _, above_raw, _ = run(RandomActions(7), shield=False)
-    _, above_shielded, _ = run(RandomActions(7), shield=True)
+    _, above_raw, _ = run(RandomActions(7, p_max=0.6, last_cpus=16), shield=False)
+    _, above_shielded, _ = run(RandomActions(7, p_max=0.6, last_cpus=16), shield=True)
     assert above_raw > above_shielded

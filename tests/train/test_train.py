@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +12,6 @@ import pytest
 from ailfmd.errors import AilfmError
 from ailfmd.lab.cli import main as ailfm
 from ailfmd.lab.run import Scenario, run_scenario
-from ailfmd.platform.base import Action, Capabilities, Observation, Topology
-from ailfmd.policy.base import Decision
 from ailfmd.policy.onnx_policy import OnnxPolicy
 from ailfmd.sim.chip import load_chip
 from ailfmd.sim.workload import load_workload
@@ -22,23 +19,7 @@ from ailfmd.train.dagger import QUICK, train
 from ailfmd.train.dataset import load_dataset
 from ailfmd.train.model import TrainingError, fit_heads, export_onnx, verify_export
 from ailfmd.train.recording import read_records
-
-
-class RandomPolicy:
-    """Random caps from each CPU's range and random pinning: what "beats random" means."""
-
-    name = "random"
-
-    def __init__(self, seed: int) -> None:
-        self.rng = np.random.default_rng(seed)
-
-    def reset(self, topology: Topology, capabilities: Capabilities) -> None:
-        self.cpus = sorted(topology.cpus)
-
-    def decide(self, obs: Observation) -> Decision:
-        caps = {c: int(self.rng.uniform(st.hw_min_khz, st.hw_max_khz)) for c, st in obs.cpus.items()}
-        aff = {t.ref: frozenset({int(self.rng.choice(self.cpus))}) for t in obs.threads.values()}
-        return Decision(Action(affinity=aff, freq_cap_khz=caps))
+from randompolicy import RandomActions
 
 
 def test_quick_training_writes_a_policy_card_and_scores(quick_training) -> None:
@@ -61,7 +42,7 @@ def test_the_trained_policy_beats_random(quick_training) -> None:
     for seed in (11, 12, 13):
         sc = Scenario(load_chip("tiny"), load_workload("tiny-test"), seed, 3.0)
         learned.append(run_scenario(sc, OnnxPolicy(out / "policy.onnx", service=False)).metrics)
-        rand.append(run_scenario(sc, RandomPolicy(seed)).metrics)
+        rand.append(run_scenario(sc, RandomActions(seed)).metrics)
     assert sum(m.requests_completed for m in learned) >= sum(m.requests_completed for m in rand)
     assert np.mean([m.mean_response_s for m in learned]) < np.mean([m.mean_response_s for m in rand])
 

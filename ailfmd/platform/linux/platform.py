@@ -36,7 +36,7 @@ from ailfmd.platform.linux.journal import Journal
 from ailfmd.platform.linux.others import find_other_managers
 from ailfmd.platform.linux.restore import restore_journal
 from ailfmd.platform.linux.sysfs import Root
-from ailfmd.platform.linux.temps import TempCache, plan_temperatures
+from ailfmd.platform.linux.temps import TempCache, TempPlan, plan_temperatures
 from ailfmd.platform.linux.thermal_zones import discover_zones
 from ailfmd.platform.linux.threads import DEFAULT_SAMPLE_EVERY as DEFAULT_THREAD_SAMPLE_EVERY, ThreadTracker
 from ailfmd.platform.linux.topology import read_topology
@@ -214,7 +214,6 @@ class LinuxPlatform:
                 throttle[c] = new_t
 
     def observe(self) -> Observation:
-        d = self._d
         if self._policies is None:
             self._refresh_slow_state()
         else:
