@@ -20,6 +20,7 @@ import numpy as np
 from ailfmd.errors import AilfmError
 from ailfmd.policy.feature_schema import (
     CORE_COLUMNS,
+    describe_schema,
     FEATURE_SCHEMA,
     PAIR_COLUMNS,
     PAIR_OWN_COLUMNS,
@@ -203,7 +204,10 @@ def export_onnx(heads: FittedHeads, metadata: dict[str, Any]) -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="ailfm train")
     model.ir_version = 8  # readable by onnxruntime >= 1.14
-    full = {"format": POLICY_FORMAT, "feature_schema": FEATURE_SCHEMA, "cap_columns": list(CAP_COLUMNS),
+    # The whole feature schema (units, normalisation, defaults, masks) travels with the
+    # model, so a file says what its inputs mean without this source tree.
+    full = {"format": POLICY_FORMAT, "feature_schema": FEATURE_SCHEMA, "features": describe_schema(),
+            "cap_columns": list(CAP_COLUMNS),
             "pair_columns": list(PAIR_COLUMNS), "pair_own_columns": list(PAIR_OWN_COLUMNS),
             "thread_columns": list(THREAD_COLUMNS), "model": {"cap_hidden": list(heads.config.cap_hidden),
             "pair_hidden": list(heads.config.pair_hidden), **{k: v for k, v in asdict(heads.config).items()
