@@ -12,7 +12,7 @@ error naming the file and the problem, one that
 
 Each decision: features (:mod:`ailfmd.policy.features`), one onnxruntime run of both
 heads, decoding (:mod:`ailfmd.policy.learned`), and a one-step guard near each sensor's
-maximum (``guard_c``, :func:`ailfmd.policy.learned.guard_caps`). Inputs are built and outputs decoded by
+maximum (``guard_c``, :class:`ailfmd.policy.learned.CapGuard`). Inputs are built and outputs decoded by
 the same code the trainer used.
 """
 
@@ -54,7 +54,7 @@ from ailfmd.policy.learned import (
 )
 
 SOURCE = "policy:onnx"
-DEFAULT_GUARD_C = 2.0  # see learned.guard_caps
+DEFAULT_GUARD_C = 2.0  # see learned.CapGuard
 DEFAULT_RELEASE_BAND_C = 10.0
 DEFAULT_RELEASE_STEPS = 2
 
@@ -177,13 +177,17 @@ class OnnxPolicy:
             raise PolicyFileError(self.path, f"cap grouping {grouping!r} is not one of {CAP_GROUPINGS}")
         self.cap_grouping = grouping
         self.carry = carry
-        self._guard = CapGuard(guard_c, release_band_c, release_steps) if guard_c is not None else None
+        self._guard = self._new_guard()
+
+    def _new_guard(self) -> CapGuard | None:
+        """A fresh guard (it remembers which CPUs are recovering from a cut)."""
+        return CapGuard(self.guard_c, self.release_band_c, self.release_steps) if self.guard_c is not None else None
 
     def reset(self, topology: Topology, capabilities: Capabilities) -> None:
         self._extractor = FeatureExtractor(topology)
         self._prev = None
         self._caps = CapDecoder()
-        self._guard = CapGuard(self.guard_c, self.release_band_c, self.release_steps) if self.guard_c is not None else None
+        self._guard = self._new_guard()
 
     def scores(self, obs: Observation) -> tuple[Any, np.ndarray, np.ndarray]:
         """(feature set, cap fraction per CPU, pair scores [threads, cpus]) for ``obs``."""

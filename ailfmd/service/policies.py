@@ -53,11 +53,9 @@ def _baseline(settings: PolicySettings, key: str, name: str) -> Policy:
 
 def _load_onnx(settings: PolicySettings) -> tuple[Policy, str | None]:
     """(policy, feature schema) or an UnavailablePolicy saying why."""
+    from ailfmd.policy.onnx_policy import OnnxPolicy  # refuses (AilfmError) without onnxruntime
+
     path = str(settings.path)
-    try:
-        from ailfmd.policy.onnx_policy import OnnxPolicy  # the runtime for learned policies
-    except ImportError:
-        return UnavailablePolicy("onnx", "this build has no ONNX policy runtime"), None
     try:
         pol = OnnxPolicy(path)
     except (AilfmError, OSError) as e:
