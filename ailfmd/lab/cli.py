@@ -22,14 +22,22 @@ EXIT_USAGE = 2  # bad input, as argparse uses
 DEFAULT_DRAIN_S = 120.0  # bench: answer every request (a long-context answer can take 40 s)
 
 
-def _positive_float(text: str) -> float:
+def _number(text: str, zero_ok: bool) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    if not (value >= 0 if zero_ok else value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be {'>=' if zero_ok else '>'} 0")
     return value
+
+
+def _positive_float(text: str) -> float:
+    return _number(text, zero_ok=False)
+
+
+def _non_negative_float(text: str) -> float:
+    return _number(text, zero_ok=True)
 
 
 # --------------------------------------------------------------------------- sim
@@ -54,7 +62,7 @@ def _add_sim(sub: argparse._SubParsersAction) -> None:
                    help="control period of the policy (default %(default)g ms)")
     s.add_argument("--tick-ms", type=_positive_float, default=DEFAULT_TICK_S * 1e3,
                    help="simulation tick (default %(default)g ms; DTM is resolved to 1 ms)")
-    s.add_argument("--drain", type=float, default=0.0, metavar="S",
+    s.add_argument("--drain", type=_non_negative_float, default=0.0, metavar="S",
                    help="after the arrivals, run on until every request is answered, at most S s (default 0)")
     s.add_argument("--json", action="store_true", help="print the metrics as JSON")
     s.set_defaults(func=_cmd_sim)
@@ -69,7 +77,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     workload = load_workload(args.workload)
     policy = get_baseline(args.policy)
     scenario = Scenario(chip, workload, args.seed, args.duration, args.epoch_ms / 1e3, args.tick_ms / 1e3,
-                        max(0.0, args.drain))
+                        args.drain)
     result = run_scenario(scenario, policy)
     head = {"chip": chip.name, "workload": workload.name, "policy": policy.name, "seed": args.seed,
             "tick_s": scenario.tick_s, "epoch_s": scenario.epoch_s}
@@ -144,7 +152,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="control period of the policies (default %(default)g ms)")
     b.add_argument("--tick-ms", type=_positive_float, default=DEFAULT_TICK_S * 1e3,
                    help="simulation tick (default %(default)g ms)")
-    b.add_argument("--drain", type=float, default=DEFAULT_DRAIN_S, metavar="S",
+    b.add_argument("--drain", type=_non_negative_float, default=DEFAULT_DRAIN_S, metavar="S",
                    help="after the arrivals stop, run on until every request is answered, at most "
                         "S more seconds, so every policy answers the same requests (default %(default)g; "
                         "0: stop when arrivals stop)")
@@ -174,7 +182,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         policies=args.policies or bench.known_policies(),
         seeds=args.seeds or quick.get("seeds", (0,)), duration_s=duration,
         epoch_s=args.epoch_ms / 1e3, tick_s=args.tick_ms / 1e3, jobs=max(0, args.jobs),
-        drain_s=max(0.0, args.drain))
+        drain_s=args.drain)
     rows, traces = bench.run_bench(config)
     out = Path(args.out)
     for note in bench.write_results(rows, traces, out):
@@ -270,7 +278,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--eval-workloads", type=_csv, help="evaluation workloads")
     t.add_argument("--eval-seeds", type=_int_csv, help="evaluation seeds")
     t.add_argument("--eval-duration", type=_positive_float, metavar="S", help="seconds of arrivals per evaluation run")
-    t.add_argument("--eval-drain", type=float, metavar="S",
+    t.add_argument("--eval-drain", type=_non_negative_float, metavar="S",
                    help="then run on until every request is answered, at most S seconds")
     t.add_argument("--jobs", type=int, default=0, help="worker processes (default: one per CPU)")
     t.set_defaults(func=_cmd_train)

@@ -47,3 +47,17 @@ def test_draining_answers_every_request_that_arrived() -> None:
     short = run_scenario(Scenario(chip, wl, 2, 4.0, drain_s=drained.duration_s - 4.0 + 5.0),
                          get_baseline("linux")).metrics
     assert short.duration_s == drained.duration_s
+
+
+def test_a_negative_drain_is_a_usage_error(capsys) -> None:
+    from ailfmd.lab.cli import main
+
+    for argv in (["sim", "--workload", "tiny-test", "--duration", "1", "--drain", "-1"],
+                 ["bench", "--quick", "--drain", "-1"], ["train", "--quick", "--out", "x", "--eval-drain", "-1"]):
+        try:
+            main(argv)
+        except SystemExit as e:
+            assert e.code == 2
+        else:
+            raise AssertionError(f"{argv} accepted a negative drain")
+        assert "must be >= 0" in capsys.readouterr().err
