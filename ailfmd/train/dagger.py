@@ -28,7 +28,7 @@ import platform as pyplatform
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, TextIO
 
@@ -36,7 +36,7 @@ from ailfmd import __version__
 from ailfmd.errors import AilfmError
 from ailfmd.train.dataset import load_dataset
 from ailfmd.train.episodes import EpisodeSpec, episode_complete, run_episode
-from ailfmd.train.evaluate import EvalJob, default_policies, eval_jobs, run_eval_job, summarise, write_json
+from ailfmd.train.evaluate import default_policies, eval_jobs, run_eval_job, summarise, write_json
 from ailfmd.train.model import ModelConfig, export_onnx, fit_heads, imitation_scores, set_metadata, verify_export
 
 TRAINER = f"ailfm train {__version__}"
@@ -281,8 +281,4 @@ def evaluate(config: TrainConfig, out: Path, learned: dict[str, str], jobs: int,
     return summary
 
 
-def quick_config(**overrides: Any) -> TrainConfig:
-    return replace(QUICK, **overrides)
-
-
-__all__ = ["QUICK", "TrainConfig", "EvalJob", "train", "quick_config"]
+__all__ = ["QUICK", "TrainConfig", "train"]
