@@ -157,10 +157,12 @@ class FeatureSet:
         """Row of the pair matrix for (``tids[thread_index]``, ``cpus[cpu_index]``)."""
         return thread_index * len(self.cpus) + cpu_index
 
-    def allowed(self) -> np.ndarray:
-        """bool ``[n_threads, n_cpus]``: the CPU is in the thread's current affinity."""
+    def allowed(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """bool ``[n_threads, n_cpus]``: the CPU is in the thread's current affinity
+        (only the threads where the bool mask ``rows`` is true, when given)."""
         assert self._extractor is not None
-        return self._extractor.affinity_matrix(self._affinities)
+        affinities = self._affinities if rows is None else tuple(a for a, r in zip(self._affinities, rows) if r)
+        return self._extractor.affinity_matrix(affinities)
 
     def pair_matrix(self) -> np.ndarray:
         """float32 ``[n_threads * n_cpus, len(PAIR_COLUMNS)]``: thread, core, pair columns."""

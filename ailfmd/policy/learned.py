@@ -2,27 +2,37 @@
 
 The trainer and the runtime (:mod:`ailfmd.policy.onnx_policy`) both build the model's
 inputs and decode its outputs with this module, so what was trained is exactly what runs.
-A policy model has two heads, stored together in one ONNX graph:
+A policy model has three heads, stored together in one ONNX graph:
 
 - **cap head** (input ``cap_input``, output ``cap_frac``): one row per CPU, the CPU's
   feature row followed by :data:`CONTEXT_COLUMNS` (chip-wide summaries every row
   shares, because the right cap depends on the whole chip's heat, not one core's); the
   output is the cap as a fraction of the CPU's hardware maximum. Decoding snaps it to
   the nearest step of the CPU's frequency ladder.
-- **pair head** (output ``pair_score``): one score per (thread, CPU) pair, how likely the
-  teacher would run that thread there. It is trained on whole pair rows
-  (``PAIR_COLUMNS``: thread, core and pair columns), but because its first layer is
-  linear the graph takes the parts — ``thread_input`` (one row per thread), the core
-  columns of ``cap_input`` and ``pair_input`` (only the pairs' own columns,
-  ``build_pair_own``) — and adds their products: the 4096-row pair matrix of a 64 x 64
-  decision is never built. Decoding gives every thread its own CPU, best scores first
-  (:func:`assign`); with more threads than CPUs the CPUs are shared.
+- **move head** (input ``move_input``, output ``move_prob``): one row per thread, the
+  thread's columns, the row of the CPU it runs on (``here.*``) and
+  :data:`RELATIVE_COLUMNS` (how much cooler, nearer the sink or nearer the caches the
+  best CPU is, how many are free); the output is how likely the teacher
+  moves the thread this epoch. Most epochs the teacher moves a few threads out of
+  dozens: deciding *whether* to move apart from *where* keeps the rare move from being
+  drowned by the common "stay" (a single pair score did that: the thread's own CPU
+  always won).
+- **destination head** (output ``pair_score``): one score per (moving thread, CPU)
+  pair, how likely the teacher sends the thread there. It is trained on whole pair rows
+  (:data:`DEST_COLUMNS`: thread, core and pair columns, then :data:`DEST_EXTRA_COLUMNS`
+  — the CPU against the one the thread leaves) of moved threads only, but because its
+  first layer is linear the graph takes the parts — ``thread_input`` (one row per moving
+  thread), the core columns of ``cap_input`` and ``pair_input`` (only the pairs' own
+  columns, :func:`dest_own`) — and adds their products: the pair matrix is never built,
+  and only the few moving threads are scored (:func:`place`).
 
 Everything is numpy and cheap: a 64-CPU, 64-thread decision decodes in tens of µs.
 """
 
 from __future__ import annotations
 
+import operator
+from bisect import bisect_left, bisect_right
 from typing import Mapping
 
 import numpy as np
@@ -31,6 +41,7 @@ from ailfmd.platform.base import Observation
 from ailfmd.policy.baselines.common import ladders_khz
 from ailfmd.policy.feature_schema import (
     CORE_COLUMNS,
+    PAIR_COLUMNS,
     PAIR_OWN_COLUMNS,
     SLOPE_SCALE_C_PER_S,
     TEMP_REF_C,
@@ -38,10 +49,11 @@ from ailfmd.policy.feature_schema import (
     THREAD_COLUMNS,
 )
 
-POLICY_FORMAT = "ailfmd.policy/1"
+POLICY_FORMAT = "ailfmd.policy/2"
 METADATA_KEY = "ailfmd.policy"  # ONNX metadata_props key holding the policy's JSON card
 
 CAP_INPUT, CAP_OUTPUT = "cap_input", "cap_frac"
+MOVE_INPUT, MOVE_OUTPUT = "move_input", "move_prob"
 THREAD_INPUT = "thread_input"
 PAIR_INPUT, PAIR_OUTPUT = "pair_input", "pair_score"
 
@@ -56,6 +68,28 @@ CONTEXT_COLUMNS = (
     "ctx.mpki_mean",
 )
 CAP_COLUMNS = tuple(f"core.{c}" for c in CORE_COLUMNS) + CONTEXT_COLUMNS
+# Where the thread could go, against where it is (temperatures in the feature's
+# normalised units; 0 when nothing is known).
+RELATIVE_COLUMNS = (
+    "rel.temp_above_min",  # its CPU minus the coolest CPU
+    "rel.temp_above_free_min",  # ... minus the coolest CPU no managed thread runs on
+    "rel.sink_above_min",  # its CPU's sink distance minus the least on the chip
+    "rel.latency_above_min",  # its CPU's relative LLC latency minus the least on the chip
+    "rel.free_share",  # share of the CPUs no managed thread runs on
+    "rel.sharing",  # other managed threads on its CPU
+)
+MOVE_COLUMNS = (tuple(f"thread.{c}" for c in THREAD_COLUMNS) + tuple(f"here.{c}" for c in CAP_COLUMNS)
+                + RELATIVE_COLUMNS)
+DEFAULT_MOVE_THRESHOLD = 0.5
+# A destination against the CPU the thread leaves (0 where unknown): a CPU is a good
+# destination for *this* thread when it is cooler or nearer the sink than where it is.
+DEST_EXTRA_COLUMNS = (
+    "dest.temp_below_here",  # normalised temperature of its CPU minus this one's
+    "dest.sink_below_here",  # sink distance of its CPU minus this one's
+    "dest.occupied",  # 1 when another managed thread runs on this CPU
+)
+DEST_OWN_COLUMNS = PAIR_OWN_COLUMNS + DEST_EXTRA_COLUMNS
+DEST_COLUMNS = PAIR_COLUMNS + DEST_EXTRA_COLUMNS
 
 _CI = {n: i for i, n in enumerate(CORE_COLUMNS)}
 _TI = {n: i for i, n in enumerate(THREAD_COLUMNS)}
@@ -104,44 +138,144 @@ def _masked_mean(thread: np.ndarray, name: str) -> float:
     return float(values.mean()) if values.size else 0.0
 
 
-def empty_pairs() -> np.ndarray:
-    """The pair input when no thread is managed (the graph still takes the input)."""
-    return np.zeros((0, len(PAIR_OWN_COLUMNS)), dtype=np.float32)
+def move_inputs(cap_x: np.ndarray, thread: np.ndarray, last_cpu_index: np.ndarray) -> np.ndarray:
+    """float32 ``[n_threads, len(MOVE_COLUMNS)]`` from :func:`cap_inputs`' rows, the thread
+    rows and each thread's CPU row index (-1: unknown). A thread whose CPU is unknown gets
+    zeros past its own columns (it is placed anyway).
 
-
-def assign(scores: np.ndarray) -> np.ndarray:
-    """Each thread's CPU index from ``scores[n_threads, n_cpus]``, one thread per CPU.
-
-    In rounds: every unplaced thread asks for its best free CPU, and each CPU asked for
-    goes to the thread that scores it highest; the others ask again among the CPUs still
-    free. Usually one or two rounds, each a few array operations. With more threads than
-    CPUs, a new pass starts once every CPU is taken (CPUs are shared evenly).
-    """
-    m, n = scores.shape
+    "Where it could go" is every CPU: a thread's affinity is no guide, since the daemon
+    (or the teacher) pinned it to one CPU in an earlier epoch."""
+    m, n = thread.shape[0], cap_x.shape[0]
+    out = np.zeros((m, len(MOVE_COLUMNS)), dtype=np.float32)
     if m == 0 or n == 0:
-        return np.zeros(0, dtype=np.intp)
-    best = scores.argmax(axis=1)
-    if m <= n and len(set(best.tolist())) == m:
-        return best  # nobody wants another's best CPU: the usual steady state
-    out = np.full(m, -1, dtype=np.intp)
-    free = np.ones(n, dtype=bool)
-    left = np.arange(m)
+        return out
+    kt, kc = thread.shape[1], cap_x.shape[1]
+    out[:, :kt] = thread
+    known = last_cpu_index >= 0
+    here = np.where(known, last_cpu_index, 0)
+    out[:, kt:kt + kc] = cap_x[here]
+    counts = np.bincount(last_cpu_index[known], minlength=n)
+    free = counts == 0
+    has_t = cap_x[:, _CI["temp_missing"]] < 0.5
+    temp = cap_x[:, _CI["temp"]]
+    sink = cap_x[:, _CI["sink_distance"]]
+    lat = cap_x[:, _CI["llc_latency_rel"]]
+    t_min = temp[has_t].min() if has_t.any() else np.nan
+    free_t = has_t & free
+    t_free_min = temp[free_t].min() if free_t.any() else np.nan
+    rel = out[:, kt + kc:]
+    t_here = np.where(has_t[here], temp[here], np.nan)
+    with np.errstate(invalid="ignore"):
+        rel[:, 0] = t_here - t_min
+        rel[:, 1] = t_here - t_free_min
+    rel[:, 2] = sink[here] - sink.min()
+    rel[:, 3] = lat[here] - lat.min()
+    rel[:, 4] = free.sum() / n
+    rel[:, 5] = counts[here] - 1.0
+    np.nan_to_num(rel, copy=False, nan=0.0)
+    out[~known, kt:] = 0.0
+    return out
+
+
+def forced_movers(last_cpu_index: np.ndarray, n_cpus: int) -> np.ndarray:
+    """bool per thread: it must be placed whatever the model says — its CPU is unknown
+    (new, or on a CPU now offline), or, while there are at least as many CPUs as
+    threads, another thread (earlier in the order) runs on the same CPU: the teacher gives
+    every thread its own CPU when it can."""
+    forced = last_cpu_index < 0
+    if len(last_cpu_index) <= n_cpus:
+        known = np.flatnonzero(~forced)
+        _, first = np.unique(last_cpu_index[known], return_index=True)
+        if first.size < known.size:
+            second = np.ones(known.size, dtype=bool)
+            second[first] = False
+            forced[known[second]] = True
+    return forced
+
+
+def place(last_cpu_index: np.ndarray, move: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Each thread's CPU row index: threads not in ``move`` keep theirs; the moving ones
+    (``scores[k, n_cpus]``, one row per ``True`` in ``move``, in order) take CPUs other than
+    their own, best scores first, CPUs no staying thread holds first.
+
+    In rounds: every unplaced mover asks for its best free CPU, and each CPU asked for goes
+    to the mover that scores it highest. A mover with no free CPU left stays where it is;
+    a thread with no CPU of its own shares its best one.
+    """
+    choice = last_cpu_index.astype(np.intp, copy=True)
+    movers = np.flatnonzero(move)
+    k = movers.size
+    if k == 0:
+        return choice
+    s = scores.astype(float, copy=True)
+    own = last_cpu_index[movers]
+    rows = np.flatnonzero(own >= 0)
+    s[rows, own[rows]] = -np.inf
+    free = np.ones(s.shape[1], dtype=bool)
+    staying = (~move) & (last_cpu_index >= 0)
+    free[last_cpu_index[staying]] = False
+    left = np.arange(k)
     while left.size:
-        if not free.any():
-            free[:] = True
-        masked = np.where(free, scores[left], -np.inf)
+        masked = np.where(free, s[left], -np.inf)
         want = masked.argmax(axis=1)
         score = masked[np.arange(left.size), want]
-        # Highest score first; np.unique keeps the first thread asking for each CPU.
+        stuck = ~np.isfinite(score)
+        if stuck.any():
+            for i in left[stuck].tolist():
+                if own[i] < 0:
+                    choice[movers[i]] = int(scores[i].argmax())
+                # else: it keeps its own CPU (choice already holds it)
+            left, want, score = left[~stuck], want[~stuck], score[~stuck]
+            if not left.size:
+                break
+        # Highest score first; np.unique keeps the first mover asking for each CPU.
         order = np.argsort(-score, kind="stable")
         cpus, first = np.unique(want[order], return_index=True)
         winners = order[first]
-        out[left[winners]] = cpus
+        choice[movers[left[winners]]] = cpus
         free[cpus] = False
         keep = np.ones(left.size, dtype=bool)
         keep[winners] = False
         left = left[keep]
+    return choice
+
+
+def empty_pairs() -> np.ndarray:
+    """The pair input when no thread moves (the graph still takes the input)."""
+    return np.zeros((0, len(DEST_OWN_COLUMNS)), dtype=np.float32)
+
+
+def dest_extra(core: np.ndarray, rows_last: np.ndarray, all_last: np.ndarray) -> np.ndarray:
+    """float32 ``[k, n_cpus, len(DEST_EXTRA_COLUMNS)]`` for threads whose CPU row indices
+    are ``rows_last``; ``all_last`` (every managed thread's) tells which CPUs are taken."""
+    k, n = rows_last.shape[0], core.shape[0]
+    out = np.zeros((k, n, len(DEST_EXTRA_COLUMNS)), dtype=np.float32)
+    if k == 0 or n == 0:
+        return out
+    known = rows_last >= 0
+    here = np.where(known, rows_last, 0)
+    has_t = core[:, _CI["temp_missing"]] < 0.5
+    temp = np.where(has_t, core[:, _CI["temp"]], 0.0)
+    sink = core[:, _CI["sink_distance"]]
+    both = (known & has_t[here])[:, None] & has_t[None, :]
+    out[:, :, 0] = np.where(both, temp[here][:, None] - temp[None, :], 0.0)
+    out[:, :, 1] = np.where(known[:, None], sink[here][:, None] - sink[None, :], 0.0)
+    counts = np.bincount(all_last[all_last >= 0], minlength=n).astype(np.float32)
+    taken = counts[None, :] - (np.arange(n)[None, :] == rows_last[:, None])  # not counting itself
+    out[:, :, 2] = taken > 0
     return out
+
+
+def dest_own(own: np.ndarray, core: np.ndarray, rows_last: np.ndarray, all_last: np.ndarray) -> np.ndarray:
+    """The destination head's ``pair_input``: ``own`` (``build_pair_own`` of the same
+    threads, ``[k * n_cpus, len(PAIR_OWN_COLUMNS)]``) with :data:`DEST_EXTRA_COLUMNS` appended."""
+    extra = dest_extra(core, rows_last, all_last)
+    return np.concatenate([own, extra.reshape(-1, len(DEST_EXTRA_COLUMNS))], axis=1)
+
+
+# What a CPU's ladder depends on (attrgetter: the key is built in C, not a Python loop).
+_LADDER_FIELDS = operator.attrgetter("cpus", "available_khz", "hw_min_khz", "hw_max_khz")
+_CPU_LIMITS = operator.attrgetter("hw_min_khz", "hw_max_khz")
 
 
 class CapDecoder:
@@ -153,13 +287,21 @@ class CapDecoder:
 
     def __init__(self) -> None:
         self._key: tuple | None = None
+        self._cpus_seen: tuple[int, ...] | None = None
+        self._policies_seen: tuple = ()
         self._groups: list[tuple[np.ndarray, np.ndarray]] = []  # (cpu row indices, ladder kHz)
         self._hw_max = np.zeros(0)
         self.ladders: dict[int, list[int]] = {}  # CPU -> its ladder, top down (of the last decode)
 
     def _prepare(self, obs: Observation, cpus: tuple[int, ...]) -> None:
-        key = (cpus, tuple((p.cpus, p.available_khz, p.hw_min_khz, p.hw_max_khz) for p in obs.policies),
-               tuple(obs.cpus[c].hw_max_khz if c in obs.cpus else None for c in cpus))
+        # Platforms hand out the same policy objects while nothing about them changes:
+        # checking identity first spares rebuilding the key (~130 tuples) every epoch.
+        if (cpus is self._cpus_seen and len(obs.policies) == len(self._policies_seen)
+                and all(map(operator.is_, obs.policies, self._policies_seen))):
+            return
+        self._cpus_seen, self._policies_seen = cpus, obs.policies
+        key = (cpus, tuple(map(_LADDER_FIELDS, obs.policies)), tuple(obs.cpus),
+               tuple(map(_CPU_LIMITS, obs.cpus.values())))
         if key == self._key:
             return
         ladders = ladders_khz(obs)
@@ -237,6 +379,7 @@ class CapGuard:
         self.release_steps = release_steps
         self.release_band_c = max(guard_c, release_band_c)
         self.recovering: set[int] = set()
+        self._asc: dict[int, tuple[list[int], list[int]]] = {}
 
     def apply(self, obs: Observation, cpus: tuple[int, ...], caps_khz: dict[int, int], core: np.ndarray,
               epoch_s: float | None, ladders: dict[int, list[int]] | None = None) -> dict[int, str]:
@@ -267,28 +410,46 @@ class CapGuard:
             if st is None or limit is None or not ladder:
                 self.recovering.discard(cpu)
                 continue
+            asc = self._ascending(ladder)
             want = caps_khz.get(cpu, ladder[0])
             if ahead_c[i] >= limit - self.guard_c:
                 now = min(want, st.freq_khz or ladder[0])
-                below = [f for f in ladder if f < now]
-                new = max(below) if below else min(ladder)
-                why = (f"{ahead_c[i]:.1f} C expected next epoch, within {self.guard_c:g} C of the "
-                       f"{limit:g} C maximum: one step below {now // 1000} MHz")
+                k = bisect_left(asc, now)
+                new = asc[k - 1] if k > 0 else asc[0]
+                cut = True
                 self.recovering.add(cpu)
             elif cpu in self.recovering or ahead_c[i] >= limit - self.release_band_c:
                 current = st.cap_khz or ladder[0]
-                above = sorted(f for f in ladder if f > current)
-                new = min(want, above[min(self.release_steps, len(above)) - 1] if above else current)
-                why = (f"{'recovering from a cut' if cpu in self.recovering else f'within {self.release_band_c:g} C of the {limit:g} C maximum'}: "
-                       f"at most {self.release_steps} step(s) up per epoch")
+                k = bisect_right(asc, current)
+                new = min(want, asc[min(k + self.release_steps, len(asc)) - 1] if k < len(asc) else current)
+                cut = False
+                recovering = cpu in self.recovering
                 if new >= want:
                     self.recovering.discard(cpu)
             else:
                 continue
             if new < want:
                 caps_khz[cpu] = new
-                lowered[cpu] = why
+                # Reasons are written only for the CPUs they concern (most flagged CPUs
+                # are left as the model said).
+                if cut:
+                    lowered[cpu] = (f"{ahead_c[i]:.1f} C expected next epoch, within {self.guard_c:g} C of the "
+                                    f"{limit:g} C maximum: one step below {now // 1000} MHz")
+                else:
+                    where = ("recovering from a cut" if recovering
+                             else f"within {self.release_band_c:g} C of the {limit:g} C maximum")
+                    lowered[cpu] = f"{where}: at most {self.release_steps} step(s) up per epoch"
         return lowered
+
+    def _ascending(self, ladder: list[int]) -> list[int]:
+        """``ladder`` (top down) sorted ascending, cached: ladders are shared lists that
+        live as long as the CPUs' frequency tables do."""
+        got = self._asc.get(id(ladder))
+        if got is None or got[0] is not ladder:
+            if len(self._asc) > 256:
+                self._asc.clear()
+            got = self._asc[id(ladder)] = (ladder, sorted(set(ladder)))
+        return got[1]
 
 
 def carry_caps(obs: Observation, cpus: tuple[int, ...], caps_khz: dict[int, int],
@@ -303,7 +464,7 @@ def carry_caps(obs: Observation, cpus: tuple[int, ...], caps_khz: dict[int, int]
     under was thermally sustained; one step more is a bounded experiment. Returns why, per
     CPU lowered.
     """
-    moved = np.flatnonzero((last_cpu_index >= 0) & (choice != last_cpu_index))
+    moved = np.flatnonzero((last_cpu_index >= 0) & (choice >= 0) & (choice != last_cpu_index))
     if not moved.size:
         return {}
     ladders = ladders_khz(obs) if ladders is None else ladders
@@ -324,5 +485,5 @@ def carry_caps(obs: Observation, cpus: tuple[int, ...], caps_khz: dict[int, int]
 
 
 def placement_by_tid(tids: tuple[int, ...], cpus: tuple[int, ...], choice: np.ndarray) -> Mapping[int, int]:
-    """tid -> CPU id from :func:`assign`'s row indices."""
-    return {tid: cpus[int(j)] for tid, j in zip(tids, choice.tolist())}
+    """tid -> CPU id from :func:`place`'s row indices (threads at -1 are left out)."""
+    return {tid: cpus[j] for tid, j in zip(tids, choice.tolist()) if j >= 0}

@@ -10,10 +10,11 @@ error naming the file and the problem, one that
 - was trained on another feature schema or policy format, or whose inputs and outputs
   do not match the columns this ailfmd builds.
 
-Each decision: features (:mod:`ailfmd.policy.features`), one onnxruntime run of both
-heads, decoding (:mod:`ailfmd.policy.learned`), and a one-step guard near each sensor's
-maximum (``guard_c``, :class:`ailfmd.policy.learned.CapGuard`). Inputs are built and outputs decoded by
-the same code the trainer used.
+Each decision: features (:mod:`ailfmd.policy.features`), one onnxruntime run of the cap
+and move heads, a second run of the destination head only when threads move, decoding
+(:mod:`ailfmd.policy.learned`), and a one-step guard near each sensor's maximum
+(``guard_c``, :class:`ailfmd.policy.learned.CapGuard`). Inputs are built and outputs
+decoded by the same code the trainer used.
 """
 
 from __future__ import annotations
@@ -31,27 +32,37 @@ from ailfmd.errors import AilfmError
 from ailfmd.platform.base import Action, Capabilities, Observation, Topology
 from ailfmd.policy.base import Decision
 from ailfmd.policy.baselines.common import cap_changes, pin_changes
-from ailfmd.policy.feature_schema import FEATURE_SCHEMA, PAIR_COLUMNS, PAIR_OWN_COLUMNS, THREAD_COLUMNS
+from ailfmd.policy.feature_schema import FEATURE_SCHEMA, THREAD_COLUMNS
 from ailfmd.policy.features import FeatureExtractor
 from ailfmd.policy.learned import (
     CAP_COLUMNS,
     CAP_INPUT,
     CAP_OUTPUT,
+    DEFAULT_MOVE_THRESHOLD,
+    DEST_COLUMNS,
+    DEST_OWN_COLUMNS,
     METADATA_KEY,
+    MOVE_COLUMNS,
+    MOVE_INPUT,
+    MOVE_OUTPUT,
     PAIR_INPUT,
     PAIR_OUTPUT,
     POLICY_FORMAT,
     THREAD_INPUT,
     CapDecoder,
     CAP_GROUPINGS,
-    assign,
     cap_inputs,
     group_caps,
     CapGuard,
     carry_caps,
+    dest_own,
     empty_pairs,
+    forced_movers,
+    move_inputs,
+    place,
     placement_by_tid,
 )
+from ailfmd.policy.features import build_pair_own
 
 SOURCE = "policy:onnx"
 DEFAULT_GUARD_C = 2.0  # see learned.CapGuard
@@ -112,17 +123,17 @@ def check_contract(path: str, meta: dict[str, Any], session: Any) -> None:
     if meta.get("feature_schema") != FEATURE_SCHEMA:
         raise PolicyFileError(path, f"trained on feature schema {meta.get('feature_schema')!r}; "
                                     f"this ailfmd builds {FEATURE_SCHEMA!r} (retrain the policy)")
-    for key, want in (("cap_columns", CAP_COLUMNS), ("pair_columns", PAIR_COLUMNS)):
+    for key, want in (("cap_columns", CAP_COLUMNS), ("move_columns", MOVE_COLUMNS), ("pair_columns", DEST_COLUMNS)):
         if tuple(meta.get(key) or ()) != want:
             raise PolicyFileError(path, f"metadata {key} differ from this ailfmd's columns")
     inputs = {i.name: i.shape for i in session.get_inputs()}
     outputs = {o.name for o in session.get_outputs()}
-    for name, width in ((CAP_INPUT, len(CAP_COLUMNS)), (THREAD_INPUT, len(THREAD_COLUMNS)),
-                        (PAIR_INPUT, len(PAIR_OWN_COLUMNS))):
+    for name, width in ((CAP_INPUT, len(CAP_COLUMNS)), (MOVE_INPUT, len(MOVE_COLUMNS)),
+                        (THREAD_INPUT, len(THREAD_COLUMNS)), (PAIR_INPUT, len(DEST_OWN_COLUMNS))):
         shape = inputs.get(name)
         if shape is None or len(shape) != 2 or shape[1] != width:
             raise PolicyFileError(path, f"input {name!r} should be [N, {width}], the file has {shape}")
-    missing = {CAP_OUTPUT, PAIR_OUTPUT} - outputs
+    missing = {CAP_OUTPUT, MOVE_OUTPUT, PAIR_OUTPUT} - outputs
     if missing:
         raise PolicyFileError(path, f"missing outputs {sorted(missing)} (has {sorted(outputs)})")
 
@@ -138,7 +149,8 @@ class OnnxPolicy:
     def __init__(self, path: str | os.PathLike, *, service: bool | None = None, threads: int = 1,
                  guard_c: float | None = DEFAULT_GUARD_C, release_band_c: float = DEFAULT_RELEASE_BAND_C,
                  release_steps: int = DEFAULT_RELEASE_STEPS,
-                 cap_grouping: str | None = None, carry: bool = True) -> None:
+                 cap_grouping: str | None = None, carry: bool = True,
+                 move_threshold: float | None = None) -> None:
         self.path = str(Path(path))
         try:
             import onnxruntime as ort
@@ -168,7 +180,8 @@ class OnnxPolicy:
         self._extractor: FeatureExtractor | None = None
         self._prev: Observation | None = None
         self._caps = CapDecoder()
-        self._outputs = [CAP_OUTPUT, PAIR_OUTPUT]
+        self._first = [CAP_OUTPUT, MOVE_OUTPUT]
+        self._second = [PAIR_OUTPUT]
         self.guard_c = guard_c
         self.release_band_c = release_band_c
         self.release_steps = release_steps
@@ -176,6 +189,12 @@ class OnnxPolicy:
         if grouping not in CAP_GROUPINGS:
             raise PolicyFileError(self.path, f"cap grouping {grouping!r} is not one of {CAP_GROUPINGS}")
         self.cap_grouping = grouping
+        threshold = (move_threshold if move_threshold is not None
+                     else self.metadata.get("decoding", {}).get("move_threshold", DEFAULT_MOVE_THRESHOLD))
+        if not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+            raise PolicyFileError(self.path, f"move threshold {threshold!r} is not a probability in [0, 1]")
+        self.move_threshold = float(threshold)
+        self._no_threads = np.zeros((0, len(THREAD_COLUMNS)), dtype=np.float32)
         self.carry = carry
         self._guard = self._new_guard()
 
@@ -189,39 +208,70 @@ class OnnxPolicy:
         self._caps = CapDecoder()
         self._guard = self._new_guard()
 
-    def scores(self, obs: Observation) -> tuple[Any, np.ndarray, np.ndarray]:
-        """(feature set, cap fraction per CPU, pair scores [threads, cpus]) for ``obs``."""
+    def scores(self, obs: Observation) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(feature set, cap fraction per CPU, move probability per thread, which threads
+        move, destination scores [movers, cpus]) for ``obs``."""
         if self._extractor is None:
             raise AilfmError("OnnxPolicy.decide before reset()")
         fs = self._extractor.extract(obs, self._prev)
         self._prev = obs
-        pairs = fs.pair_own() if fs.tids else empty_pairs()
-        cap_out, pair_out = self._session.run(
-            self._outputs, {CAP_INPUT: cap_inputs(fs.core_features, fs.thread_features),
-                            THREAD_INPUT: fs.thread_features, PAIR_INPUT: pairs})
+        cap_x = cap_inputs(fs.core_features, fs.thread_features)
+        feeds = {CAP_INPUT: cap_x,
+                 MOVE_INPUT: move_inputs(cap_x, fs.thread_features, fs.last_cpu_index),
+                 THREAD_INPUT: self._no_threads, PAIR_INPUT: empty_pairs()}
+        cap_out, move_out = self._session.run(self._first, feeds)
         cap_frac = np.asarray(cap_out, dtype=np.float32).reshape(-1)
-        pair = np.asarray(pair_out, dtype=np.float32).reshape(len(fs.tids), len(fs.cpus))
-        if not (np.isfinite(cap_frac).all() and np.isfinite(pair).all()):
+        move_prob = np.asarray(move_out, dtype=np.float32).reshape(-1)
+        if not (np.isfinite(cap_frac).all() and np.isfinite(move_prob).all()):
             raise AilfmError(f"{self.name}: the model returned NaN or infinity")
-        return fs, cap_frac, pair
+        move = (move_prob >= self.move_threshold) | forced_movers(fs.last_cpu_index, len(fs.cpus))
+        k = int(move.sum())
+        pair = np.zeros((k, len(fs.cpus)), dtype=np.float32)
+        if k:
+            # The affinity matrix only feeds the pairs' "allowed" column, and only movers'.
+            allowed = fs.allowed(move)
+            feeds[THREAD_INPUT] = fs.thread_features[move]
+            last = fs.last_cpu_index
+            own = build_pair_own(fs.thread_features[move], fs.core_features, last[move], allowed,
+                                 self._extractor.distance_padded)
+            feeds[PAIR_INPUT] = dest_own(own, fs.core_features, last[move], last)
+            (pair_out,) = self._session.run(self._second, feeds)
+            pair = np.asarray(pair_out, dtype=np.float32).reshape(k, len(fs.cpus))
+            if not np.isfinite(pair).all():
+                raise AilfmError(f"{self.name}: the model returned NaN or infinity")
+        return fs, cap_frac, move_prob, move, pair
 
     def decide(self, obs: Observation) -> Decision:
         t0 = time.perf_counter()
-        fs, cap_frac, pair = self.scores(obs)
+        fs, cap_frac, move_prob, move, pair = self.scores(obs)
         caps_khz = self._caps.decode(obs, fs.cpus, group_caps(cap_frac, fs.core_features, self.cap_grouping))
         ladders = self._caps.ladders
         guarded = (self._guard.apply(obs, fs.cpus, caps_khz, fs.core_features, fs.epoch_s, ladders)
                    if self._guard is not None else {})
-        choice = assign(pair)
+        choice = place(fs.last_cpu_index, move, pair)
         if self.carry:
             guarded.update(carry_caps(obs, fs.cpus, caps_khz, fs.last_cpu_index, choice, ladders))
         placement = placement_by_tid(fs.tids, fs.cpus, choice)
         caps, cap_reasons = cap_changes(
             obs, caps_khz, SOURCE,
             lambda cpu, khz: (f"guarded: {guarded[cpu]}" if cpu in guarded else f"model caps cpu {cpu} at {khz // 1000} MHz"))
-        # Score of the chosen CPU, for the reason (higher = the teacher's likelier choice).
-        score = {tid: float(pair[i, choice[i]]) for i, tid in enumerate(fs.tids)}
-        affinity, pin_reasons = pin_changes(
-            obs, placement, SOURCE, lambda s, cpu: f"model places thread on cpu {cpu} (score {score[s.ref.tid]:.2f})")
-        info: dict[str, float | str] = {"inference_ms": (time.perf_counter() - t0) * 1e3}
+        row = {t: i for i, t in enumerate(np.flatnonzero(move).tolist())}
+        index = {tid: t for t, tid in enumerate(fs.tids)}
+
+        def why(sample: Any, cpu: int) -> str:
+            t = index[sample.ref.tid]
+            if t not in row:
+                return f"model keeps thread on cpu {cpu} (move probability {move_prob[t]:.2f})"
+            j = fs.cpus.index(cpu)
+            return (f"model moves thread to cpu {cpu} (move probability {move_prob[t]:.2f}, "
+                    f"destination score {pair[row[t], j]:.2f})")
+
+        affinity, pin_reasons = pin_changes(obs, placement, SOURCE, why)
+        info: dict[str, float | str] = {"inference_ms": (time.perf_counter() - t0) * 1e3,
+                                        "threads_moved": float(k_moved(fs.last_cpu_index, choice))}
         return Decision(Action(affinity=affinity, freq_cap_khz=caps), tuple(cap_reasons + pin_reasons), info)
+
+
+def k_moved(last_cpu_index: np.ndarray, choice: np.ndarray) -> int:
+    """Threads sent to a CPU other than the one they ran on."""
+    return int(((last_cpu_index >= 0) & (choice >= 0) & (choice != last_cpu_index)).sum())

@@ -70,25 +70,34 @@ def render_model_card(config: Any, rounds: list[dict[str, Any]], summary: dict[s
         f"- Rounds: behaviour cloning then {config.rounds} DAgger rounds, "
         f"β = {', '.join(f'{round_beta(config, r):.3g}' for r in range(config.rounds + 1))}.",
         "",
-        "| round | β | episodes | steps | learner-driven steps | cap MAE | placement agreement | data sha256 |",
-        "|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| round | β | episodes | steps | learner-driven steps | cap MAE | placement agreement | placement as good | moves caught | move precision | destination agreement | data sha256 |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for info in rounds:
         d, im = info["data"], info["imitation"]
         lines.append(f"| {info['round']} | {info['beta']:.3g} | {d['episodes']} | {d['steps']} | "
                      f"{d['learner_steps']} | {_num(im.get('cap_mae'))} | "
-                     f"{_num(im.get('placement_agreement'), '.2f')} | `{d['sha256'][:12]}` |")
+                     f"{_num(im.get('placement_agreement'), '.2f')} | {_num(im.get('placement_as_good'), '.2f')} | "
+                     f"{_num(im.get('move_recall'), '.2f')} | "
+                     f"{_num(im.get('move_precision'), '.2f')} | {_num(im.get('destination_agreement'), '.2f')} | "
+                     f"`{d['sha256'][:12]}` |")
     m = config.model
     lines += [
         "",
         "Cap MAE: mean absolute error of the cap (fraction of the hardware maximum) on held-back "
-        "steps; placement agreement: share of held-back threads placed on the teacher's CPU.",
+        "steps; placement agreement: share of held-back threads placed on the teacher's CPU (as good: "
+        "or on a CPU of the same die at most 1 °C warmer); moves "
+        "caught: share of the teacher's moves the policy also makes (move precision: the other way "
+        "round); destination agreement: of the moves both make, share sent to the teacher's CPU.",
         "",
         "## Model",
         "",
-        f"Two multi-layer perceptrons (ReLU) behind standard scalers, exported as one ONNX graph: "
+        f"Three multi-layer perceptrons (ReLU) behind standard scalers, exported as one ONNX graph: "
         f"cap head {list(m.cap_hidden)} hidden units (one row per CPU: its features and chip "
-        f"context), pair head {list(m.pair_hidden)} (one row per thread and CPU, logistic score). "
+        f"context), move head {list(m.move_hidden)} (one row per thread: its features, its CPU's "
+        f"and where it could go; logistic), destination head {list(m.pair_hidden)} (one row per "
+        f"moving thread and CPU, logistic score; trained on the teacher's moves only). A thread "
+        f"moves when its move probability reaches the threshold chosen on held-back steps. "
         "The export is checked against scikit-learn on held-back steps.",
         "",
         "## Scores",

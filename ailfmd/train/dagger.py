@@ -37,7 +37,8 @@ from ailfmd.errors import AilfmError
 from ailfmd.train.dataset import load_dataset
 from ailfmd.train.episodes import EpisodeSpec, episode_complete, run_episode
 from ailfmd.train.evaluate import default_policies, eval_jobs, run_eval_job, summarise, write_json
-from ailfmd.train.model import ModelConfig, export_onnx, fit_heads, imitation_scores, set_metadata, verify_export
+from ailfmd.train.model import (ModelConfig, export_onnx, fit_heads, imitation_scores, set_metadata,
+                               tune_move_threshold, verify_export)
 
 TRAINER = f"ailfm train {__version__}"
 
@@ -82,7 +83,7 @@ class TrainConfig:
 
 # A configuration that trains in seconds: for tests and a first look.
 QUICK = TrainConfig(chips=("tiny",), workloads=("tiny-test",), episodes_per_workload=2, duration_s=2.0,
-                    rounds=1, model=ModelConfig(cap_hidden=(16,), pair_hidden=(16,), max_iter=400, learning_rate=3e-3),
+                    rounds=1, model=ModelConfig(cap_hidden=(16,), move_hidden=(16,), pair_hidden=(16,), max_iter=400, learning_rate=3e-3),
                     eval_chips=("tiny",), eval_workloads=("tiny-test",), eval_seeds=(900,),
                     eval_duration_s=2.0, eval_drain_s=5.0, eval_policies=("linux", "oracle"))
 
@@ -223,7 +224,10 @@ def train(config: TrainConfig, out_dir: str | Path, jobs: int = 1, resume: bool 
         rounds.append(info)
         show.say(f"{name}: {info['data']['steps']} steps ({info['data']['learner_steps']} learner-driven), "
                  f"cap MAE {info['imitation'].get('cap_mae', float('nan')):.3f}, placement agreement "
-                 f"{info['imitation'].get('placement_agreement', float('nan')):.2f}")
+                 f"{info['imitation'].get('placement_agreement', float('nan')):.2f} (as good "
+                 f"{info['imitation'].get('placement_as_good', float('nan')):.2f}), moves caught "
+                 f"{info['imitation'].get('move_recall', float('nan')):.2f} (precision "
+                 f"{info['imitation'].get('move_precision', float('nan')):.2f})")
         learner = str(model_path)
     # Training time from the rounds' own records, so a resumed training reports the
     # time its rounds took, not the time of the last (resuming) invocation.
@@ -250,14 +254,18 @@ def fit_round(config: TrainConfig, files: Iterable[Path], model_path: Path, r: i
         "trained_on": {"chips": list(config.chips), "workloads": list(config.workloads)},
         "data": {"sha256": data.sha256(), "episodes": data.episodes, "steps": data.steps,
                  "learner_steps": data.learner_steps, "cap_rows": int(len(data.cap_y)),
+                 "move_rows": int(len(data.move_y)), "moves": int(data.move_y.sum()),
                  "pair_rows": int(len(data.pair_y))},
         "action_space": {"cap": "fraction of cpuinfo_max_freq per CPU, snapped to the CPU's ladder",
-                         "placement": "one CPU per thread, best pair scores first"},
+                         "placement": "a thread moves when its move probability reaches the threshold; "
+                                      "movers take free CPUs, best destination scores first"},
         "python": pyplatform.python_version(),
     }
     model_bytes = export_onnx(heads, meta)
     check = verify_export(heads, model_bytes, data)
-    imitation = imitation_scores(model_bytes, data)
+    threshold = tune_move_threshold(model_bytes, data)
+    model_bytes = set_metadata(model_bytes, {"decoding": {"move_threshold": threshold}})
+    imitation = imitation_scores(model_bytes, data, threshold)
     _write_bytes(model_path, model_bytes)
     return {"round": r, "beta": round_beta(config, r), "data": meta["data"], "export_check": check,
             "imitation": imitation, "fit_s": time.monotonic() - t0}

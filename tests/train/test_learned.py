@@ -10,9 +10,14 @@ from ailfmd.policy.features import FeatureExtractor
 from ailfmd.policy.learned import (
     CAP_COLUMNS,
     CONTEXT_COLUMNS,
+    DEST_EXTRA_COLUMNS,
+    MOVE_COLUMNS,
     CapDecoder,
-    assign,
+    dest_extra,
     cap_inputs,
+    forced_movers,
+    move_inputs,
+    place,
     group_caps,
     CapGuard,
     carry_caps,
@@ -25,26 +30,94 @@ C = {n: i for i, n in enumerate(CORE_COLUMNS)}
 X = {n: i for i, n in enumerate(CAP_COLUMNS)}
 
 
-def test_assign_takes_each_threads_best_cpu_when_they_differ() -> None:
-    scores = np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.0]])
-    assert assign(scores).tolist() == [1, 0]
+def test_place_keeps_staying_threads_and_moves_the_others_to_free_cpus() -> None:
+    last = np.array([0, 1, 2])
+    move = np.array([False, True, False])
+    # Thread 1 likes CPU 0 best, but thread 0 stays there: it takes the best free CPU, 3.
+    scores = np.array([[0.9, 0.8, 0.7, 0.6, 0.1]])
+    assert place(last, move, scores).tolist() == [0, 3, 2]
 
 
-def test_assign_resolves_conflicts_by_best_score_first() -> None:
-    # Both want CPU 0; thread 1 wants it more, so thread 0 takes its second choice.
-    scores = np.array([[0.6, 0.5, 0.1], [0.9, 0.2, 0.3]])
-    assert assign(scores).tolist() == [1, 0]
+def test_place_never_sends_a_mover_back_to_its_own_cpu_and_lets_movers_swap() -> None:
+    last = np.array([0, 1])
+    move = np.array([True, True])
+    scores = np.array([[0.9, 0.8], [0.7, 0.2]])  # both rate CPU 0 highest
+    assert place(last, move, scores).tolist() == [1, 0]
 
 
-def test_assign_shares_cpus_evenly_when_threads_outnumber_them() -> None:
-    rng = np.random.default_rng(1)
-    choice = assign(rng.random((7, 3)))
-    counts = np.bincount(choice, minlength=3)
-    assert counts.sum() == 7 and counts.max() - counts.min() <= 1
+def test_place_resolves_conflicts_by_best_score_first() -> None:
+    last = np.array([0, 1, 2, 3])
+    move = np.array([True, True, False, False])
+    # Both movers want CPU 4; thread 1 wants it more, thread 0 takes its next free choice.
+    scores = np.array([[0.0, 0.0, 0.0, 0.0, 0.6, 0.5], [0.0, 0.0, 0.0, 0.0, 0.9, 0.3]])
+    assert place(last, move, scores).tolist() == [5, 4, 2, 3]
 
 
-def test_assign_with_nothing_to_place() -> None:
-    assert assign(np.zeros((0, 4))).shape == (0,)
+def test_a_mover_with_no_free_cpu_stays() -> None:
+    last = np.array([0, 1])
+    move = np.array([True, False])
+    # CPU 1 scores best but is held by a staying thread; no other CPU: thread 0 stays.
+    assert place(last, move, np.array([[0.1, 0.9]])).tolist() == [0, 1]
+
+
+def test_place_places_new_threads_and_shares_when_cpus_run_out() -> None:
+    last = np.array([0, 1, -1])
+    move = forced_movers(last, 2)
+    assert move.tolist() == [False, False, True]
+    # No CPU is free: the new thread shares its best one.
+    assert place(last, move, np.array([[0.2, 0.7]])).tolist() == [0, 1, 1]
+
+
+def test_threads_sharing_a_cpu_are_spread_while_cpus_are_free() -> None:
+    last = np.array([2, 0, 2, 2])
+    move = forced_movers(last, 4)
+    assert move.tolist() == [False, False, True, True]
+    choice = place(last, move, np.array([[0.1, 0.5, 0.2, 0.9], [0.3, 0.2, 0.1, 0.4]]))
+    assert choice.tolist() == [2, 0, 3, 1]
+    # More threads than CPUs: sharing is unavoidable, nobody is forced.
+    assert not forced_movers(last, 2).any()
+
+
+def test_destination_columns_compare_each_cpu_with_the_one_the_thread_leaves() -> None:
+    n = 3
+    core = np.zeros((n, len(CORE_COLUMNS)), dtype=np.float32)
+    core[:, C["temp"]] = [0.9, 0.3, 0.5]
+    core[:, C["temp_missing"]] = [0, 0, 1]  # CPU 2 has no temperature
+    core[:, C["sink_distance"]] = [1.0, 0.0, 0.5]
+    all_last = np.array([0, 1, -1])
+    x = dest_extra(core, all_last, all_last)
+    col = {name: i for i, name in enumerate(DEST_EXTRA_COLUMNS)}
+    assert x.shape == (3, n, len(DEST_EXTRA_COLUMNS))
+    assert x[0, 1, col["dest.temp_below_here"]] == pytest.approx(0.6)  # 0.9 here, 0.3 there
+    assert x[0, 2, col["dest.temp_below_here"]] == 0.0  # unknown there
+    assert x[0, 1, col["dest.sink_below_here"]] == pytest.approx(1.0)
+    # CPU 1 is taken by thread 1, for thread 0; a thread's own CPU is not "taken" for it.
+    assert x[0, :, col["dest.occupied"]].tolist() == [0.0, 1.0, 0.0]
+    assert x[1, :, col["dest.occupied"]].tolist() == [1.0, 0.0, 0.0]
+    assert not x[2, :, :2].any()  # a thread without a CPU compares with nothing
+
+
+def test_move_inputs_say_where_the_thread_could_go() -> None:
+    n, m = 4, 3
+    core = np.zeros((n, len(CORE_COLUMNS)), dtype=np.float32)
+    core[:, C["temp"]] = [0.8, 0.2, 0.5, 0.1]
+    core[:, C["sink_distance"]] = [1.0, 0.0, 0.5, 0.0]
+    thread = np.zeros((m, len(THREAD_COLUMNS)), dtype=np.float32)
+    cap_x = cap_inputs(core, thread)
+    last = np.array([0, 3, -1])
+    x = move_inputs(cap_x, thread, last)
+    col = {name: i for i, name in enumerate(MOVE_COLUMNS)}
+    assert x.shape == (m, len(MOVE_COLUMNS))
+    assert x[0, col["here.core.temp"]] == pytest.approx(0.8)
+    assert x[0, col["rel.temp_above_min"]] == pytest.approx(0.7)  # CPU 3 is coolest
+    # ... but a thread runs there: the coolest free CPU is CPU 1 (0.2).
+    assert x[0, col["rel.temp_above_free_min"]] == pytest.approx(0.6)
+    assert x[0, col["rel.sink_above_min"]] == pytest.approx(1.0)
+    assert x[0, col["rel.free_share"]] == pytest.approx(0.5)
+    assert x[0, col["rel.sharing"]] == 0.0
+    assert x[1, col["rel.temp_above_min"]] == pytest.approx(0.0)
+    # Unknown CPU: only its own columns.
+    assert not x[2, len(THREAD_COLUMNS):].any()
 
 
 def _observation(chip_name: str = "3d-64"):

@@ -50,6 +50,30 @@ def test_loads_the_trained_policy_and_decides_on_the_simulator(quick_training) -
     assert decision.info["inference_ms"] > 0
 
 
+def test_new_and_crowded_threads_are_placed_on_cpus_of_their_own(quick_training) -> None:
+    from dataclasses import replace
+
+    out, _ = quick_training
+    policy = OnnxPolicy(out / "policy.onnx", service=False)
+    plat = SimPlatform(load_chip("3d-64"), load_workload("prefill-heavy"), seed=0, duration_s=2.0)
+    policy.reset(plat.topology(), plat.capabilities())
+    plat.advance(0.8)
+    obs = plat.observe()
+    tids = sorted(obs.threads)
+    assert len(tids) >= 3
+    # One thread never ran (no CPU yet); two others share one CPU.
+    threads = dict(obs.threads)
+    threads[tids[0]] = replace(threads[tids[0]], last_cpu=None)
+    threads[tids[2]] = replace(threads[tids[2]], last_cpu=threads[tids[1]].last_cpu)
+    decision = policy.decide(replace(obs, threads=threads))
+    placed = {r.tid: next(iter(c)) for r, c in decision.action.affinity.items()}
+    assert tids[0] in placed and tids[2] in placed
+    cpus = [placed.get(t, threads[t].last_cpu) for t in tids]
+    assert len(set(cpus)) == len(cpus), "every thread on a CPU of its own"
+    why = {r.target: r.detail for r in decision.reasons if r.kind == "placement"}
+    assert "destination score" in why[f"thread {tids[0]}"]
+
+
 def test_runs_a_whole_scenario(quick_training) -> None:
     out, _ = quick_training
     sc = Scenario(load_chip("tiny"), load_workload("tiny-test"), 5, 2.0)
@@ -77,6 +101,25 @@ def test_another_feature_schema_is_refused(quick_training, tmp_path: Path) -> No
     os.chmod(other, 0o644)
     with pytest.raises(PolicyFileError, match=r"feature schema 'ailfmd.features/0'.*ailfmd.features/1"):
         OnnxPolicy(other, service=False)
+
+
+@pytest.mark.parametrize("threshold", [1.5, -0.1, "high"])
+def test_a_move_threshold_that_is_no_probability_is_refused(quick_training, tmp_path: Path, threshold) -> None:
+    out, _ = quick_training
+    bad = tmp_path / "bad-threshold.onnx"
+    bad.write_bytes(set_metadata((out / "policy.onnx").read_bytes(), {"decoding": {"move_threshold": threshold}}))
+    os.chmod(bad, 0o644)
+    with pytest.raises(PolicyFileError, match=f"move threshold {threshold!r}"):
+        OnnxPolicy(bad, service=False)
+
+
+def test_an_older_policy_format_is_refused(quick_training, tmp_path: Path) -> None:
+    out, _ = quick_training
+    old = tmp_path / "format1.onnx"
+    old.write_bytes(set_metadata((out / "policy.onnx").read_bytes(), {"format": "ailfmd.policy/1"}))
+    os.chmod(old, 0o644)
+    with pytest.raises(PolicyFileError, match=r"policy format 'ailfmd.policy/1'; this ailfmd reads 'ailfmd.policy/2'"):
+        OnnxPolicy(old, service=False)
 
 
 def test_an_onnx_model_that_is_no_policy_is_refused(tmp_path: Path) -> None:
