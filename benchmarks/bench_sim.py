@@ -17,6 +17,10 @@ least disturbed), for:
 - ``engine, 1 GHz caps``: every core capped to the lowest level (1 GHz on ``3d-64``), so
   DTM never acts (what a thermally safe policy costs to simulate).
 
+Each case runs on the compiled kernels (numba, when installed) and again on the numpy
+path (``, numpy``); ``engine, reference`` is numpy throughout. ``--numpy-only`` skips the
+compiled runs.
+
 It also prints the share of ticks resolved in DTM sub-steps and of ticks taken by the
 steady-segment path. Small matrix-vector products run best on one BLAS thread, hence
 ``OPENBLAS_NUM_THREADS=1`` (set here if unset).
@@ -33,6 +37,7 @@ import time  # noqa: E402
 from typing import Callable  # noqa: E402
 
 from ailfmd.lab.run import Scenario, run_scenario  # noqa: E402
+from ailfmd.sim import jit  # noqa: E402
 from ailfmd.policy.baselines import get_baseline  # noqa: E402
 from ailfmd.sim.chip import DEFAULT_CHIP, Chip, load_chip  # noqa: E402
 from ailfmd.sim.engine import Engine  # noqa: E402
@@ -48,24 +53,44 @@ def best_wall_s(run: Callable[[], object], repeats: int) -> float:
     return best
 
 
-def bench(chip: Chip, workload: Workload, seed: int, secs: float, tick_s: float, repeats: int) -> None:
+def loop_run(scenario: Scenario, compiled: bool) -> None:
+    """The offline control loop under ``linux``; the numpy path through the environment
+    (the loop builds its engine itself)."""
+    saved = os.environ.get(jit.ENV_VAR)
+    os.environ[jit.ENV_VAR] = "1" if compiled else "0"
+    try:
+        run_scenario(scenario, get_baseline("linux"))
+    finally:
+        if saved is None:
+            del os.environ[jit.ENV_VAR]
+        else:
+            os.environ[jit.ENV_VAR] = saved
+
+
+def bench(chip: Chip, workload: Workload, seed: int, secs: float, tick_s: float, repeats: int,
+          paths: list[bool]) -> None:
     scenario = Scenario(chip, workload, seed, secs, tick_s=tick_s)
     engines: list[Engine] = []
 
-    def engine_run(capped: bool = False, reference: bool = False) -> None:
-        eng = Engine(chip, workload, seed, secs, tick_s=tick_s, reference=reference)
+    def engine_run(compiled: bool, capped: bool = False, reference: bool = False) -> None:
+        eng = Engine(chip, workload, seed, secs, tick_s=tick_s, reference=reference, compiled=compiled)
         if capped:
             for cpu in range(chip.n_cores):
                 eng.set_cap_khz(cpu, chip.vf.min_mhz * 1000)
         eng.advance(secs)
         engines.append(eng)
 
-    cases = [
-        ("loop (linux)", lambda: run_scenario(scenario, get_baseline("linux"))),
-        ("engine", lambda: engine_run()),
-        ("engine, reference", lambda: engine_run(reference=True)),
-        (f"engine, {chip.vf.min_mhz / 1000:g} GHz caps", lambda: engine_run(capped=True)),
-    ]
+    def named(name: str, compiled: bool) -> str:
+        return name if compiled else f"{name}, numpy"
+
+    caps = f"engine, {chip.vf.min_mhz / 1000:g} GHz caps"
+    cases: list[tuple[str, Callable[[], object]]] = []
+    for c in paths:
+        cases += [(named("loop (linux)", c), lambda c=c: loop_run(scenario, c)),
+                  (named("engine", c), lambda c=c: engine_run(c))]
+    cases.append(("engine, reference", lambda: engine_run(False, reference=True)))
+    for c in paths:
+        cases.append((named(caps, c), lambda c=c: engine_run(c, capped=True)))
     for name, run in cases:
         engines.clear()
         wall = best_wall_s(run, repeats)
@@ -74,7 +99,7 @@ def bench(chip: Chip, workload: Workload, seed: int, secs: float, tick_s: float,
             st = engines[-1].state
             ticks = max(st.tick_no, 1)
             shares = f"{100.0 * st.substep_ticks / ticks:>10.0f} % {100.0 * st.steady_ticks / ticks:>8.0f} %"
-        print(f"{workload.name:<14} {tick_s * 1e3:>4g} ms  {name:<22} {secs / wall:>9.1f} "
+        print(f"{workload.name:<14} {tick_s * 1e3:>4g} ms  {name:<29} {secs / wall:>9.1f} "
               f"{wall / secs * 1e3:>10.2f}  {shares}", flush=True)
 
 
@@ -86,15 +111,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ticks-ms", type=float, nargs="+", default=[10.0, 1.0])
+    parser.add_argument("--numpy-only", action="store_true", help="skip the compiled kernels")
     args = parser.parse_args()
     chip = load_chip(args.chip)
-    print(f"chip {chip.name}, seed {args.seed}, {args.seconds:g} simulated s, best of {args.repeats}")
-    print(f"{'workload':<14} {'tick':>7}  {'what':<22} {'sim-s/s':>9} {'ms/sim-s':>10}  "
+    have_compiled = not args.numpy_only and jit.load(None) is not None
+    paths = [True, False] if have_compiled else [False]
+    print(f"chip {chip.name}, seed {args.seed}, {args.seconds:g} simulated s, best of {args.repeats}, "
+          f"compiled kernels: {'yes' if have_compiled else 'no (numpy path only)'}")
+    print(f"{'workload':<14} {'tick':>7}  {'what':<29} {'sim-s/s':>9} {'ms/sim-s':>10}  "
           f"{'sub-stepped':>12} {'steady':>10}")
     for name in args.workload:
         workload = load_workload(name)
         for tick_ms in args.ticks_ms:
-            bench(chip, workload, args.seed, args.seconds, tick_ms * 1e-3, args.repeats)
+            bench(chip, workload, args.seed, args.seconds, tick_ms * 1e-3, args.repeats, paths)
 
 
 if __name__ == "__main__":

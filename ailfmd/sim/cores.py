@@ -10,11 +10,12 @@ used): under DTM the chip cycles through a limited set of them.
 from __future__ import annotations
 
 from collections import OrderedDict
+from types import ModuleType
 
 import numpy as np
 
 from ailfmd.sim.kernels import STALL_ACTIVITY_FRACTION, Kernel
-from ailfmd.sim.perfmodel import PerfModel
+from ailfmd.sim.perfmodel import _NEWTON_MAX_ITER, _RHO_TOL, PerfModel
 from ailfmd.sim.state import EngineState
 
 DRAM_MEMO_SIZE = 256  # loaded-latency solutions remembered (least recently used dropped)
@@ -23,7 +24,8 @@ DRAM_MEMO_SIZE = 256  # loaded-latency solutions remembered (least recently used
 class CoreView:
     """Per-core kernels, DRAM latency and activity for one chip's ``PerfModel``."""
 
-    def __init__(self, perf: PerfModel, n_cores: int, tick_s: float, f_min_mhz: float) -> None:
+    def __init__(self, perf: PerfModel, n_cores: int, tick_s: float, f_min_mhz: float,
+                 compiled: ModuleType | None = None) -> None:
         self.perf = perf
         self.n_cores = n_cores
         self.tick_s = tick_s
@@ -31,6 +33,8 @@ class CoreView:
         kt = perf.kernels
         self._llc_hit_apki = kt.llc_apki - kt.dram_mpki
         self._dram_memo: OrderedDict[bytes, float] = OrderedDict()
+        self._compiled = compiled
+        self._llc_latency_ns = np.ascontiguousarray(perf.llc_latency_ns, dtype=float)
 
     def core_kernels(self, st: EngineState, dominant: np.ndarray, busy_s: np.ndarray
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -52,7 +56,16 @@ class CoreView:
         return kernel, mpki, np.where(running, kernel, Kernel.IDLE)
 
     def dram_latency(self, kernel: np.ndarray, mpki: np.ndarray, f_mhz: np.ndarray) -> float:
-        """Loaded DRAM latency (PerfModel's queue fixed point), memoised on its inputs."""
+        """Loaded DRAM latency (PerfModel's queue fixed point), memoised on its inputs.
+
+        Compiled, the fixed point costs less than the memo's key: it is solved every time.
+        """
+        if self._compiled is not None:
+            kt, perf = self.perf.kernels, self.perf
+            return self._compiled.loaded_dram_latency_ns(
+                kernel, mpki, f_mhz, kt.executes, kt.base_cpi, kt.mlp, kt.bytes_per_miss,
+                self._llc_hit_apki, self._llc_latency_ns, perf.dram_latency_ns,
+                perf.queue_service_ns, perf.dram_bandwidth_gbps, _NEWTON_MAX_ITER, _RHO_TOL)
         active = kernel != Kernel.IDLE
         if not np.count_nonzero(active):
             return self.perf.dram_latency_ns
@@ -78,6 +91,13 @@ class CoreView:
         switches less, at a higher clock.
         """
         kt = self.perf.kernels
+        if self._compiled is not None:
+            rows = f_mhz.reshape(-1, self.n_cores)
+            out = np.empty(rows.shape)
+            self._compiled.activity(kernel, mpki, dram_ns, rows, kt.activity, kt.base_cpi, kt.mlp,
+                                    self._llc_hit_apki, self._llc_latency_ns,
+                                    STALL_ACTIVITY_FRACTION, out)
+            return out.reshape(f_mhz.shape)
         apki = self._llc_hit_apki[kernel] + mpki
         base = kt.base_cpi[kernel]
         cpi = base + f_mhz * 1e-6 / kt.mlp[kernel] * (apki * self.perf.llc_latency_ns + mpki * dram_ns)

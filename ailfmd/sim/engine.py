@@ -27,7 +27,9 @@ hold on power; the thermal step under it is exact):
 
 A tick in which no thread can leave its segment takes a shorter path with the same
 result (``steady.py``); ``reference=True`` turns that path off and runs the DTM
-sub-steps in the plain loop, as a cross-check. docs/simulator.md explains every choice.
+sub-steps in the plain loop, as a cross-check. With numba installed, each phase of a
+tick runs as one compiled call (``compiled.py``), to the same results to rounding.
+docs/simulator.md explains every choice.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import math
 
 import numpy as np
 
+from ailfmd.sim import jit
 from ailfmd.sim.admission import Admission
 from ailfmd.sim.chip import Chip
 from ailfmd.sim.cores import DRAM_MEMO_SIZE, CoreView
@@ -67,16 +70,21 @@ class Engine:
 
     ``reference=True`` runs every tick through the general path and the DTM sub-steps
     through the plain loop: slower, the same results to rounding (a cross-check).
+    ``compiled`` chooses the compiled kernels (numba) over the numpy path: None uses them
+    when numba is installed unless ``AILFMD_SIM_COMPILED=0``, True requires them, False
+    refuses them; the results are the same to rounding (``jit.py``, ``compiled.py``).
     """
 
     def __init__(self, chip: Chip, workload: Workload, seed: int, duration_s: float,
                  tick_s: float = DEFAULT_TICK_S, dtm_resolution_s: float = DTM_RESOLUTION_S,
-                 reference: bool = False) -> None:
+                 reference: bool = False, compiled: bool | None = None) -> None:
         if not tick_s > 0 or not duration_s > 0 or not dtm_resolution_s > 0:
             raise ValueError("tick_s, duration_s and dtm_resolution_s must be > 0")
         self.chip, self.workload, self.seed = chip, workload, seed
         self.duration_s, self.tick_s = float(duration_s), float(tick_s)
         self.reference = bool(reference)
+        # Compiled kernels (numba) when available; the reference path is numpy throughout.
+        self.compiled = jit.load(False if self.reference else compiled)
         self.n_cores = chip.n_cores
         fp, noc, mem = chip.floorplan, chip.noc, chip.memory
         self.thermal = ThermalModel(chip)
@@ -93,11 +101,17 @@ class Engine:
         self.sub_steps = max(1, round(self.tick_s / dtm_resolution_s))
         self.power_table = self._power_table = PowerTable(self.power, chip, self.levels.freq_mhz)
         self.substeps = SubSteps(self.dtm, self.thermal, self.power_table, self.n_cores,
-                                 self.tick_s, self.sub_steps, self.reference)
-        self.cores = CoreView(self.perf, self.n_cores, self.tick_s, self.f_min_mhz)
-        self.look = LookAhead(self.tick_s, self.f_min_mhz)
+                                 self.tick_s, self.sub_steps, self.reference, self.compiled)
+        self.cores = CoreView(self.perf, self.n_cores, self.tick_s, self.f_min_mhz, self.compiled)
+        self.look = LookAhead(self.tick_s, self.f_min_mhz, self.compiled)
+        self._busy_profile = np.empty((self.sub_steps, self.n_cores))
+        if self.compiled is not None:
+            # The whole-tick step's propagator, laid out for the compiled kernel.
+            prop = self.thermal.propagator(self.tick_s)
+            self._whole = (np.ascontiguousarray(prop.decay), np.ascontiguousarray(prop.modal_input.T),
+                           np.ascontiguousarray(self.thermal.core_readout().T))
         self.admission = Admission(workload, self.requests, self.perf, self.scheduler, self.n_cores)
-        self.progress = Progress(self.tick_s, self.admission.program)
+        self.progress = Progress(self.tick_s, self.admission.program, self.compiled)
         self.migration = MigrationCost(self.perf, self.levels, chip.migration.warmup_us)
         self.state = EngineState(self, seed)
 
@@ -234,44 +248,84 @@ class Engine:
                    else lay.ones)
 
         # Look ahead at the last tick's DRAM latency; then this tick's latency.
-        speed = LookAhead.speeds(st, divisor, f_start[tt.core], st.dram_ns)
-        timing = LookAhead.timing(st, None, start, speed)
-        busy_s, after_s, release = self.look.busy_s(st, start, timing.t_end)
-        dominant = self.look.dominant_segments(st, timing, start, after_s)
-        kernel, mpki, dram_kernel = self.cores.core_kernels(st, dominant, busy_s)
+        kern = self.compiled
+        if kern is None:
+            speed = LookAhead.speeds(st, divisor, f_start[tt.core], st.dram_ns)
+            timing = LookAhead.timing(st, None, start, speed)
+            busy_s, after_s, release = self.look.busy_s(st, start, timing.t_end)
+            dominant = self.look.dominant_segments(st, timing, start, after_s)
+            kernel, mpki, dram_kernel = self.cores.core_kernels(st, dominant, busy_s)
+            utilisation = np.minimum(np.bincount(tt.core, busy_s / divisor, self.n_cores), dt) / dt
+        else:
+            (timing, busy_s, after_s, release, dominant, kernel, mpki, dram_kernel,
+             utilisation) = self.look.plan(st, start, divisor, f_start[tt.core], st.dram_ns,
+                                           self.n_cores)
         dram_ns = self.cores.dram_latency(dram_kernel, mpki, f_start)
         if dram_ns != st.dram_ns:
             timing.rescale_dram(dram_ns / st.dram_ns)
             st.dram_ns = dram_ns
 
-        utilisation = np.minimum(np.bincount(tt.core, busy_s / divisor, self.n_cores), dt) / dt
         refine = self.sub_steps > 1 and st.dtm_active
         if not refine:
             # The whole tick at once; resolved finely only if a relay that matters flips.
             activity = self.cores.activity(kernel, mpki, dram_ns, f_start)
             power_w = self.power.tile_power_w(activity * utilisation, f_start, st.temps_c)
-            modes, temps = self.thermal.step_modes(st.modes, power_w, dt)
-            refine = self.sub_steps > 1 and self.dtm.would_change(st.throttled, st.temps_c, temps,
-                                                                  ck.matters)
+            refine, account = self.whole_tick(st, ck, power_w)
         if refine:
             st.substep_ticks += 1
-            busy = busy_profile(start, timing.t_end, release, after_s, divisor, utilisation, tt.core,
-                                lay.onehot, self.substeps.edges, self.n_cores)
+            if kern is None:
+                busy = busy_profile(start, timing.t_end, release, after_s, divisor, utilisation,
+                                    tt.core, lay.onehot, self.substeps.edges, self.n_cores)
+            else:
+                busy = self._busy_profile
+                if not kern.busy_profile(lay.zeros if start is None else start, start is not None,
+                                         timing.t_end, release, after_s, divisor, utilisation,
+                                         tt.core, self.substeps.edges, busy):
+                    busy = utilisation
             dyn2 = self.cores.activity(kernel, mpki, dram_ns, ck.f2) * ck.dynamic2_w
             throttled, slowed, account = self.substeps.resolve(st, ck, dyn2, busy)
             f_eff = ck.f_gov + ck.f_drop * throttled
-            clock = self.look.throttled_clock(st, slowed, ck.f_hi_ghz_thread, dominant, dram_ns)
-            u = divisor * S_PER_CYCLE_MHZ / clock if divisor is not lay.ones else S_PER_CYCLE_MHZ / clock
-            timing = timing.with_base_speed(start, u)
+            if kern is None:
+                clock = self.look.throttled_clock(st, slowed, ck.f_hi_ghz_thread, dominant, dram_ns)
+                u = (divisor * S_PER_CYCLE_MHZ / clock if divisor is not lay.ones
+                     else S_PER_CYCLE_MHZ / clock)
+                timing = timing.with_base_speed(start, u)
+            else:
+                timing = self.look.throttled_timing(st, slowed, ck.f_hi_ghz_thread, dominant,
+                                                    dram_ns, divisor, start, timing)
         else:
             f_eff = f_start
-            account = self.account_step(power_w, modes, temps)
 
         completed = self.progress.run(st, start, divisor, f_eff, timing, t0)
         st.metrics.add_interval(dt, *account, f_eff, lay.busy_w)
         st.tick_no += 1
         if completed:
             self.admission.retire(st, completed)
+
+    def whole_tick(self, st: EngineState, ck: Clocks, power_w: np.ndarray
+                   ) -> tuple[bool, tuple[float, float, float, int] | None]:
+        """One exact thermal step over the tick at ``power_w``: whether it needs DTM
+        sub-steps (then nothing is committed), else the tick's energy, time above DTM,
+        peak and throttle events, with temperatures and relays committed."""
+        check = self.sub_steps > 1
+        if self.compiled is None:
+            modes, temps = self.thermal.step_modes(st.modes, power_w, self.tick_s)
+            if check and self.dtm.would_change(st.throttled, st.temps_c, temps, ck.matters):
+                return True, None
+            return False, self.account_step(power_w, modes, temps)
+        decay, modal_input_t, readout_t = self._whole
+        n = len(power_w)
+        modes, temps, new = np.empty_like(st.modes), np.empty(n), np.empty(n, dtype=bool)
+        refine, energy_j, above_s, peak_c, events = self.compiled.whole_step(
+            st.modes, power_w, decay, modal_input_t, readout_t, self.thermal.ambient_c,
+            st.throttled, st.temps_c, ck.matters, self.dtm.threshold_c, self.dtm.release_c,
+            check, self.tick_s, modes, temps, new, st.throttle_count)
+        if refine:
+            return True, None
+        st.throttled = new
+        st.modes, st.temps_c = modes, temps
+        st.dtm_active = False
+        return False, (energy_j, above_s, peak_c, events)
 
     def account_step(self, power_w: np.ndarray, modes: np.ndarray, temps: np.ndarray
                      ) -> tuple[float, float, float, int]:

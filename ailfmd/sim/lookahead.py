@@ -13,6 +13,7 @@ covers all three.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 
@@ -71,9 +72,57 @@ class Timing:
 class LookAhead:
     """Closed-form timing of threads within a tick of ``tick_s``."""
 
-    def __init__(self, tick_s: float, f_min_mhz: float) -> None:
+    def __init__(self, tick_s: float, f_min_mhz: float, compiled: ModuleType | None = None) -> None:
         self.tick_s = tick_s
         self._f_min = f_min_mhz
+        self._compiled = compiled
+
+    def plan(self, st: EngineState, start: np.ndarray | None, divisor: np.ndarray,
+             clock_mhz: np.ndarray, dram_ns: float, n_cores: int
+             ) -> tuple[Timing, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                        np.ndarray, np.ndarray, np.ndarray]:
+        """The compiled look-ahead (``compiled.plan_tick``): :meth:`speeds`, :meth:`timing`,
+        :meth:`busy_s`, :meth:`dominant_segments`, ``CoreView.core_kernels`` and each
+        core's utilisation in one call.
+
+        Returns the timing, busy time, time after the barrier, release time and dominant
+        segment per thread, and each core's kernel, MPKI, DRAM-visible kernel and
+        utilisation.
+        """
+        tt, P, lay = st.threads, st.pool, st.layout
+        n = len(tt)
+        speed, cur, rem = np.empty((3, 3, n))
+        t_end, dram_t, busy, after, release = np.empty((5, n))
+        dominant = np.empty(n, dtype=np.int64)
+        kernel = np.empty(n_cores, dtype=np.intp)
+        dram_kernel = np.empty(n_cores, dtype=np.intp)
+        mpki, utilisation = np.empty(n_cores), np.empty(n_cores)
+        reverse = bool(lay.shared and st.tick_no & 1)
+        self._compiled.plan_tick(
+            tt.seg, tt.done, tt.step_end, tt.penalty_s, lay.zeros if start is None else start,
+            divisor, clock_mhz, tt.core, lay.llc_s, dram_ns, P.cum, P.rate, P.length, P.kernel,
+            P.mpki, len(P.knots), lay.starts, lay.end_seg, self.tick_s, reverse, speed, cur, rem,
+            t_end, dram_t, busy, after, release, dominant, kernel, mpki, dram_kernel, utilisation)
+        pen = tt.penalty_s if np.count_nonzero(tt.penalty_s) else None
+        timing = Timing(tt.seg, tt.done, tt.step_end, pen, cur, rem, speed, t_end, dram_t)
+        return timing, busy, after, release, dominant, kernel, mpki, dram_kernel, utilisation
+
+    def throttled_timing(self, st: EngineState, frac: np.ndarray, f_hi_ghz: np.ndarray,
+                         dominant: np.ndarray, dram_ns: float, divisor: np.ndarray,
+                         start: np.ndarray | None, timing: Timing) -> Timing:
+        """The compiled :meth:`throttled_clock` and ``Timing.with_base_speed`` in one call
+        (``compiled.throttled_base_speed``)."""
+        tt, lay = st.threads, st.layout
+        n = len(tt)
+        speed = timing.speed.copy()
+        t_end = np.empty(n)
+        self._compiled.throttled_base_speed(
+            frac, tt.core, f_hi_ghz, dominant, tt.seg, st.pool.rate, lay.llc_ns, dram_ns,
+            self._f_min * 1e-3, divisor, lay.zeros if start is None else start,
+            lay.zeros if timing.pen is None else timing.pen, timing.rem, speed[1],
+            timing.dram_t, speed[0], t_end)
+        return Timing(timing.g, timing.d, timing.e, timing.pen, timing.cur, timing.rem, speed,
+                      t_end, timing.dram_t)
 
     @staticmethod
     def speeds(st: EngineState, divisor: np.ndarray, clock_mhz: np.ndarray, dram_ns: float

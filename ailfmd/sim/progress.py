@@ -10,13 +10,14 @@ lost at segment or step boundaries.
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Callable
 
 import numpy as np
 
 from ailfmd.sim.lookahead import LookAhead, Timing
 from ailfmd.sim.program import Program
-from ailfmd.sim.scheduler import cfs_slice_s
+from ailfmd.sim.scheduler import CFS_LATENCY_S, CFS_MIN_GRANULARITY_S, cfs_slice_s
 from ailfmd.sim.state import EngineState
 from ailfmd.sim.workload import Request
 
@@ -24,9 +25,11 @@ from ailfmd.sim.workload import Request
 class Progress:
     """Moves every thread through one tick of ``tick_s``."""
 
-    def __init__(self, tick_s: float, program: Callable[[Request], Program]) -> None:
+    def __init__(self, tick_s: float, program: Callable[[Request], Program],
+                 compiled: ModuleType | None = None) -> None:
         self.tick_s = tick_s
         self._program = program
+        self._compiled = compiled
 
     def run(self, st: EngineState, start: np.ndarray | None, divisor: np.ndarray,
             f_eff_mhz: np.ndarray, timing: Timing, t0: float) -> list[int]:
@@ -37,6 +40,8 @@ class Progress:
         further passes at the same speeds. Bumps the state's version (positions changed)
         unless every thread stayed in its segment.
         """
+        if self._compiled is not None:
+            return self._run_compiled(st, start, divisor, f_eff_mhz, timing, t0)
         tt = st.threads
         n = len(tt)
         speed = timing.speed
@@ -62,6 +67,90 @@ class Progress:
         if moved:
             st.positions_changed()
         return completed
+
+    def _run_compiled(self, st: EngineState, start: np.ndarray | None, divisor: np.ndarray,
+                      f_eff_mhz: np.ndarray, timing: Timing, t0: float) -> list[int]:
+        """:meth:`run` with each pass's arithmetic in one compiled call
+        (``compiled.progress_pass``); barrier releases are handled here."""
+        kern = self._compiled
+        tt, P, lay = st.threads, st.pool, st.layout
+        n = len(tt)
+        active_s = np.zeros(n)
+        sleeps = np.zeros(n)
+        block_starts = np.empty(n, dtype=np.int64)
+        block_release = np.empty(n)
+        completed: list[int] = []
+        widest = len(P.knots)
+        rows = np.arange(n)
+        s = lay.zeros if start is None else start
+        g, d, e = timing.g, timing.d, timing.e
+        pen = lay.zeros if timing.pen is None else timing.pen
+        cur, speed, t_end = timing.cur, timing.speed, timing.t_end
+        moved = False
+        while True:
+            n_blocks, n_released, moved_now = kern.progress_pass(
+                rows, s, t_end, cur, speed, g, d, e, pen, tt.req, P.cum, P.rate, P.length, widest,
+                self.tick_s, tt.seg, tt.done, tt.penalty_s, active_s, sleeps, block_starts,
+                block_release)
+            if not n_released:
+                moved = moved or moved_now
+                break
+            rows, s, released = self._release(st, rows, block_starts[:n_blocks],
+                                              block_release[:n_blocks], t0, completed)
+            moved = moved or moved_now or released
+            if rows is None:
+                break
+            k = rows.size
+            g, e = np.empty(k, dtype=np.int64), np.empty(k, dtype=np.int64)
+            d, pen, t_end = np.empty(k), np.empty(k), np.empty(k)
+            speed, cur = np.empty((3, k)), np.empty((3, k))
+            kern.timing_rows(rows, s, timing.speed, tt.seg, tt.done, tt.step_end, tt.penalty_s,
+                             P.cum, P.rate, g, d, e, pen, speed, cur, t_end)
+        kern.account_progress(active_s, sleeps, divisor, f_eff_mhz, tt.core, lay.shared,
+                              CFS_LATENCY_S, CFS_MIN_GRANULARITY_S, tt.active_s, tt.run_s,
+                              tt.cycles, tt.switches)
+        if moved:
+            st.positions_changed()
+        return completed
+
+    def _release(self, st: EngineState, rows: np.ndarray, starts: np.ndarray,
+                 release: np.ndarray, t0: float, completed: list[int]
+                 ) -> tuple[np.ndarray | None, np.ndarray | None, bool]:
+        """Requests whose barrier released inside the tick (``release`` per block of
+        ``rows``, blocks from ``starts``) count their tokens and go on with their next
+        step, or complete.
+
+        Returns the rows that go on and their start times (None, None: none), and
+        whether any barrier released."""
+        released = (release <= self.tick_s).nonzero()[0]
+        if not released.size:
+            return None, None, False
+        tt = st.threads
+        ends = np.append(starts[1:], rows.size)
+        next_rows, next_s = [], []
+        for blk in released:
+            block = rows[starts[blk]: ends[blk]]
+            ri = int(tt.req[block[0]])
+            areq = st.active[ri]
+            prog = self._program(areq.request)
+            if areq.step < prog.prefill_steps:
+                st.metrics.prefill_tokens += int(prog.step_tokens[areq.step])
+            else:
+                st.metrics.output_tokens += 1
+            areq.step += 1
+            if areq.step >= prog.n_steps:
+                completed.append(ri)
+                st.metrics.add_completion(areq.request.arrival_s, t0 + float(release[blk]))
+                continue
+            tt.step_end[block] = areq.offset + prog.step_start[areq.step + 1]
+            next_rows.append(block)
+            next_s.append(release[blk])
+        if not next_rows:
+            return None, None, True
+        if len(next_rows) == 1:
+            block = next_rows[0]
+            return block, np.full(block.size, next_s[0]), True
+        return np.concatenate(next_rows), np.repeat(next_s, [b.size for b in next_rows]), True
 
     def _advance_within_step(self, st: EngineState, rows: np.ndarray, part: np.ndarray,
                              s: np.ndarray | None, timing: Timing) -> bool:
@@ -108,7 +197,7 @@ class Progress:
         dt = self.tick_s
         g, e, t_end = timing.g, timing.e, timing.t_end
         if rows.size == len(tt):
-            starts, counts, block = st.layout.starts, st.layout.counts, st.layout.block
+            starts, block = st.layout.starts, st.layout.block
             active_s += np.minimum(t_end, dt) if s is None else np.minimum(t_end, dt) - s
         else:
             req = tt.req[rows]
@@ -116,9 +205,6 @@ class Progress:
             first[0] = True
             np.not_equal(req[1:], req[:-1], out=first[1:])
             starts = first.nonzero()[0]
-            counts = np.empty_like(starts)
-            counts[:-1] = starts[1:] - starts[:-1]
-            counts[-1] = rows.size - starts[-1]
             block = np.add.accumulate(first) - 1
             active_s[rows] += np.minimum(t_end, dt) - s
         release = np.maximum.reduceat(t_end, starts)
@@ -148,28 +234,7 @@ class Progress:
 
         if not any_released:
             return rows[:0], None, moved
-        next_rows, next_s = [], []
-        for blk in released.nonzero()[0]:
-            block = rows[starts[blk]: starts[blk] + counts[blk]]
-            ri = int(tt.req[block[0]])
-            areq = st.active[ri]
-            prog = self._program(areq.request)
-            if areq.step < prog.prefill_steps:
-                st.metrics.prefill_tokens += int(prog.step_tokens[areq.step])
-            else:
-                st.metrics.output_tokens += 1
-            areq.step += 1
-            if areq.step >= prog.n_steps:
-                completed.append(ri)
-                st.metrics.add_completion(areq.request.arrival_s, t0 + float(release[blk]))
-                continue
-            tt.step_end[block] = areq.offset + prog.step_start[areq.step + 1]
-            next_rows.append(block)
-            next_s.append(release[blk])
-        if not next_rows:
+        next_rows, next_s, _ = self._release(st, rows, starts, release, t0, completed)
+        if next_rows is None:
             return rows[:0], None, True
-        if len(next_rows) == 1:
-            block = next_rows[0]
-            return block, np.full(block.size, next_s[0]), True
-        return (np.concatenate(next_rows),
-                np.repeat(next_s, [b.size for b in next_rows]), True)
+        return next_rows, next_s, True

@@ -125,7 +125,11 @@ def steady_tick(eng: "Engine", st: EngineState, ck: Clocks) -> bool:
     if sc is None or sc.version != st.version:
         sc = st.steady = SteadyConstants(eng, st, ck)
     tt = st.threads
-    if not sc.stays(tt.done):
+    kern = eng.compiled
+    if kern is None:
+        if not sc.stays(tt.done):
+            return False
+    elif not kern.steady_stays(sc.seg_len, tt.done, sc.tpi_min, sc.need_s, sc.running):
         return False
     if not sc.ready:
         sc.complete(eng, st, ck)
@@ -142,23 +146,28 @@ def steady_tick(eng: "Engine", st: EngineState, ck: Clocks) -> bool:
         idle2 = tab.constant_w + ck.leakage2_w * tab.heat_factor(st.temps_c)
         p_free, p_slow = idle2 + sc.utilisation * dyn2
         power_w = np.where(thr, p_slow, p_free)
-        modes, temps = eng.thermal.step_modes(st.modes, power_w, dt)
-        refine = eng.sub_steps > 1 and eng.dtm.would_change(thr, st.temps_c, temps, ck.matters)
+        refine, account = eng.whole_tick(st, ck, power_w)
     if refine:
         st.substep_ticks += 1
         frac, slowed, account = eng.substeps.resolve(st, ck, dyn2, sc.utilisation)
         f_eff = ck.f_gov + ck.f_drop * frac
-        theta = slowed[tt.core]
     else:
         f_eff = f_start
-        account = eng.account_step(power_w, modes, temps)
-        theta = thr[tt.core]
-    tt.done += sc.run_ns * (free + theta * gain)
-    tt.active_s += sc.dt_run
-    tt.run_s += sc.run_inc
-    tt.cycles += f_eff[tt.core] * sc.cycle_inc
-    if sc.switch_inc is not None:
-        tt.switches += sc.switch_inc
+        slowed = thr
+    if kern is not None:
+        has_switches = sc.switch_inc is not None
+        kern.steady_progress(np.asarray(slowed, dtype=float), tt.core, sc.run_ns, free, gain,
+                             sc.dt_run, sc.run_inc, f_eff, sc.cycle_inc,
+                             sc.switch_inc if has_switches else sc.dt_run, has_switches, tt.done,
+                             tt.active_s, tt.run_s, tt.cycles, tt.switches)
+    else:
+        theta = slowed[tt.core]
+        tt.done += sc.run_ns * (free + theta * gain)
+        tt.active_s += sc.dt_run
+        tt.run_s += sc.run_inc
+        tt.cycles += f_eff[tt.core] * sc.cycle_inc
+        if sc.switch_inc is not None:
+            tt.switches += sc.switch_inc
     st.metrics.add_interval(dt, *account, f_eff, st.layout.busy_w)
     st.steady_ticks += 1
     return True

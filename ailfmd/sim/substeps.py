@@ -17,7 +17,7 @@ cost of the sub-steps.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import numpy as np
 
@@ -173,7 +173,8 @@ class SubSteps:
     loop, and what the tick did (energy, time above the threshold, peak, events)."""
 
     def __init__(self, dtm: Dtm, thermal: ThermalModel, table: PowerTable, n_cores: int,
-                 tick_s: float, n_sub: int, reference: bool = False) -> None:
+                 tick_s: float, n_sub: int, reference: bool = False,
+                 compiled: ModuleType | None = None) -> None:
         h_s = tick_s / n_sub
         kind = ReferenceStepper if reference else SubStepper
         self.stepper = kind(dtm, thermal, n_cores, n_sub, h_s)
@@ -181,11 +182,31 @@ class SubSteps:
         self.n_sub = n_sub
         self.h_s = h_s
         self.edges = np.linspace(0.0, tick_s, n_sub + 1)
+        # Relay states of the last sub-stepped tick (row 0: at its start, row j + 1: after
+        # sub-step j); valid until the next one.
+        self.states = np.zeros((n_sub + 1, n_cores), dtype=bool)
         # Constants as 0-d arrays: an array operand costs numpy less than a Python float.
         self._c = SimpleNamespace(
             beta=np.array(table.beta), ref_c=np.array(table.ref_c), constant_w=np.array(table.constant_w),
             ambient_c=np.array(thermal.ambient_c), threshold_c=np.array(dtm.threshold_c),
             n_sub=np.array(float(n_sub)))
+        self._kernel = None if compiled is None or reference else compiled.substep_tick
+        if self._kernel is not None:
+            self._compiled_buffers(dtm, thermal, n_cores)
+
+    def _compiled_buffers(self, dtm: Dtm, thermal: ThermalModel, n_cores: int) -> None:
+        """Constants and buffers of the compiled sub-step kernel, made once."""
+        s = self.stepper
+        n_sub, n_modes = self.n_sub, len(s.decay)
+        self._consts = np.array([self.table.beta, self.table.ref_c, self.table.constant_w,
+                                 thermal.ambient_c, dtm.threshold_c, s.threshold_rise,
+                                 s.release_rise, self.h_s])
+        self._decay = np.ascontiguousarray(s.decay)
+        self._modal_input_t = np.ascontiguousarray(s.modal_input.T)  # cores x modes
+        self._readout_t = np.ascontiguousarray(s.readout.T)  # modes x cores
+        self._rises = np.empty((n_sub, n_cores))
+        self._work = [np.empty(n_modes), np.empty(n_modes), np.empty(n_cores), np.empty(n_cores),
+                      np.empty(n_cores)]
 
     def resolve(self, st, ck, dynamic2_w: np.ndarray, busy: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float, int]]:
@@ -203,6 +224,8 @@ class SubSteps:
         spent throttled (what slows its threads), and the tick's energy, time above DTM,
         peak and throttle events.
         """
+        if self._kernel is not None:
+            return self._resolve_compiled(st, ck, dynamic2_w, busy)
         c = self._c
         idle = ck.leakage2_w * np.exp(c.beta * (st.temps_c - c.ref_c))
         idle += c.constant_w
@@ -214,6 +237,7 @@ class SubSteps:
             p_slow = busy * dynamic2_w[1]
             p_slow += idle[1]
         modes, rises, states, power = self.stepper.run(st.modes, st.throttled, p_free, p_slow)
+        self.states[...] = states
         during, after = states[:-1], states[1:]
         flips = during != after
         rising = flips & after
@@ -239,3 +263,24 @@ class SubSteps:
                    int(np.count_nonzero(hottest_c >= c.threshold_c)) * h,
                    float(np.maximum.reduce(hottest_c)), events)
         return time_frac, busy_frac, account
+
+    def _resolve_compiled(self, st, ck, dynamic2_w: np.ndarray, busy: np.ndarray
+                          ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float, int]]:
+        """:meth:`resolve` in one compiled call (``compiled.substep_tick``)."""
+        per_step = busy.ndim == 2
+        n = len(st.throttled)
+        modes = np.empty_like(st.modes)
+        temps = np.empty(n)
+        time_frac = np.empty(n)
+        busy_frac = np.empty(n)
+        z, q, p_free, p_slow, power = self._work
+        energy_j, above_s, peak_c, events, active = self._kernel(
+            st.modes, st.throttled, st.temps_c, ck.leakage2_w, dynamic2_w,
+            busy if per_step else busy.reshape(1, n), per_step, ck.matters, self._decay,
+            self._modal_input_t, self._readout_t, self._consts, self.states, self._rises, modes,
+            st.throttle_count, time_frac, busy_frac, z, q, p_free, p_slow, power, temps)
+        st.dtm_active = active
+        st.throttled = self.states[-1].copy()
+        st.modes = modes
+        st.temps_c = temps
+        return time_frac, busy_frac, (energy_j, above_s, peak_c, events)

@@ -102,6 +102,11 @@ class ThermalModel:
 
     # ------------------------------------------------------------------ basics
 
+    def core_readout(self) -> np.ndarray:
+        """Core temperature rises per unit of each modal coordinate (cores x modes): what
+        :meth:`step_modes` reads core temperatures with."""
+        return self._core_readout.copy()
+
     def ambient_temps(self) -> np.ndarray:
         """Every node at ambient: a chip that has been off for a long time."""
         return np.full(self.n_nodes, self.ambient_c)
