@@ -47,6 +47,26 @@ def command_line(config: Any) -> str:
     return " ".join(words)
 
 
+def _kernels(rounds: list[dict[str, Any]]) -> str | None:
+    used = {info.get("simulator") for info in rounds}
+    return used.pop() if len(used) == 1 else None
+
+
+def _env_prefix(rounds: list[dict[str, Any]]) -> str:
+    return "AILFMD_SIM_COMPILED=0 " if _kernels(rounds) == "numpy" else ""
+
+
+def _kernels_note(rounds: list[dict[str, Any]]) -> list[str]:
+    kernels = _kernels(rounds)
+    if kernels is None:
+        return []
+    other = "compiled kernels (numba)" if kernels == "numpy" else "numpy path"
+    return [f"Episodes ran on the simulator's {'numpy path' if kernels == 'numpy' else 'compiled kernels (numba)'}. "
+            f"The {other} gives the same physics to rounding but not the same bits; DAgger feeds "
+            "the learner's decisions back into its data, so the runs drift apart after a few rounds "
+            "and so does the model. The command above reproduces this one byte for byte.", ""]
+
+
 def render_model_card(config: Any, rounds: list[dict[str, Any]], summary: dict[str, Any],
                       train_s: float) -> str:
     from ailfmd.train.dagger import round_beta
@@ -58,8 +78,9 @@ def render_model_card(config: Any, rounds: list[dict[str, Any]], summary: dict[s
         f"`ailfm train` (seed {config.seed}) in {train_s / 60:.1f} minutes of wall time, "
         "evaluation not included. Reproduce with:",
         "",
-        f"    {command_line(config)}",
+        f"    {_env_prefix(rounds)}{command_line(config)}",
         "",
+        *_kernels_note(rounds),
         "## Data",
         "",
         f"- Chips: {', '.join(config.chips)}; workloads: {', '.join(config.workloads)}.",

@@ -268,7 +268,17 @@ def fit_round(config: TrainConfig, files: Iterable[Path], model_path: Path, r: i
     imitation = imitation_scores(model_bytes, data, threshold)
     _write_bytes(model_path, model_bytes)
     return {"round": r, "beta": round_beta(config, r), "data": meta["data"], "export_check": check,
-            "imitation": imitation, "fit_s": time.monotonic() - t0}
+            "imitation": imitation, "fit_s": time.monotonic() - t0, "simulator": simulator_kernels()}
+
+
+def simulator_kernels() -> str:
+    """Which simulator path the episodes run on: "compiled" (numba) or "numpy". Both give
+    the same physics to rounding, not the same bits, and DAgger amplifies the difference
+    (the learner's decisions feed back into its data), so a model is reproduced byte for
+    byte only on the path it was trained on."""
+    from ailfmd.sim import jit
+
+    return "compiled" if jit.load() is not None else "numpy"
 
 
 def evaluate(config: TrainConfig, out: Path, learned: dict[str, str], jobs: int,

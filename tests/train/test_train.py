@@ -164,6 +164,21 @@ def test_the_card_names_the_command_that_reproduces_a_configuration() -> None:
     assert "negatives = 3, set in code" in command_line(replace(TrainConfig(), negatives=3))
 
 
+def test_the_card_says_which_simulator_path_reproduces_the_model(quick_training) -> None:
+    from ailfmd.train.card import render_model_card
+    from ailfmd.train.dagger import simulator_kernels
+
+    out, summary = quick_training
+    rounds = [json.loads((out / "models" / f"round{r}.json").read_text()) for r in range(QUICK.rounds + 1)]
+    assert {info["simulator"] for info in rounds} == {simulator_kernels()}
+    numpy_rounds = [{**info, "simulator": "numpy"} for info in rounds]
+    card = render_model_card(QUICK, numpy_rounds, summary, 60.0)
+    assert "    AILFMD_SIM_COMPILED=0 ailfm train --out DIR --quick" in card
+    assert "numpy path" in card
+    card = render_model_card(QUICK, [{**info, "simulator": "compiled"} for info in rounds], summary, 60.0)
+    assert "    ailfm train --out DIR --quick" in card and "compiled kernels (numba)" in card
+
+
 def test_the_bench_runs_a_learned_policy_file_beside_the_baselines(quick_training, tmp_path: Path) -> None:
     from ailfmd.lab import bench
 
