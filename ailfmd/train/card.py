@@ -62,7 +62,8 @@ def _kernels_note(rounds: list[dict[str, Any]]) -> list[str]:
         return []
     other = "compiled kernels (numba)" if kernels == "numpy" else "numpy path"
     return [f"Episodes ran on the simulator's {'numpy path' if kernels == 'numpy' else 'compiled kernels (numba)'}. "
-            f"The {other} gives the same physics to rounding but not the same bits; DAgger feeds "
+            f"The {other} {'give' if kernels == 'numpy' else 'gives'} the same physics to rounding but not the "
+            "same bits; DAgger feeds "
             "the learner's decisions back into its data, so the runs drift apart after a few rounds "
             "and so does the model. The command above reproduces this one byte for byte.", ""]
 
