@@ -124,18 +124,19 @@ def cap_inputs(core: np.ndarray, thread: np.ndarray) -> np.ndarray:
     ctx[:, 3] = np.where(np.isfinite(group), group, 0.0)
     m = thread.shape[0]
     ctx[:, 4] = m / n
-    ctx[:, 5] = _masked_mean(thread, "utilisation")
-    ctx[:, 6] = _masked_mean(thread, "mem_bound")
-    ctx[:, 7] = _masked_mean(thread, "mpki")
+    if m:
+        # Means over the threads that measure each value (one pass for the three).
+        known = thread[:, _MEAN_MASKS] < 0.5
+        count = known.sum(axis=0)
+        total = np.where(known, thread[:, _MEAN_VALUES], 0.0).sum(axis=0)
+        ctx[:, 5:8] = np.divide(total, count, out=np.zeros(3), where=count > 0)
+    else:
+        ctx[:, 5:8] = 0.0
     return out
 
 
-def _masked_mean(thread: np.ndarray, name: str) -> float:
-    if thread.shape[0] == 0:
-        return 0.0
-    known = thread[:, _TI[f"{name}_missing"]] < 0.5
-    values = thread[known, _TI[name]]
-    return float(values.mean()) if values.size else 0.0
+_MEAN_VALUES = np.array([_TI[n] for n in ("utilisation", "mem_bound", "mpki")])
+_MEAN_MASKS = np.array([_TI[f"{n}_missing"] for n in ("utilisation", "mem_bound", "mpki")])
 
 
 def move_inputs(cap_x: np.ndarray, thread: np.ndarray, last_cpu_index: np.ndarray) -> np.ndarray:
@@ -172,7 +173,7 @@ def move_inputs(cap_x: np.ndarray, thread: np.ndarray, last_cpu_index: np.ndarra
     rel[:, 3] = lat[here] - lat.min()
     rel[:, 4] = free.sum() / n
     rel[:, 5] = counts[here] - 1.0
-    np.nan_to_num(rel, copy=False, nan=0.0)
+    rel[np.isnan(rel)] = 0.0
     out[~known, kt:] = 0.0
     return out
 
@@ -185,8 +186,9 @@ def forced_movers(last_cpu_index: np.ndarray, n_cpus: int) -> np.ndarray:
     forced = last_cpu_index < 0
     if len(last_cpu_index) <= n_cpus:
         known = np.flatnonzero(~forced)
-        _, first = np.unique(last_cpu_index[known], return_index=True)
-        if first.size < known.size:
+        # Usually every thread has a CPU of its own: one bincount says so.
+        if known.size and np.bincount(last_cpu_index[known]).max() > 1:
+            _, first = np.unique(last_cpu_index[known], return_index=True)
             second = np.ones(known.size, dtype=bool)
             second[first] = False
             forced[known[second]] = True
