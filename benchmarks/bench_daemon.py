@@ -1,13 +1,18 @@
 """Daemon cost: the whole control loop on a 64-CPU machine tree with 64 managed threads.
 
     .venv/bin/python benchmarks/bench_daemon.py [--seconds 120] [--cpus 64] [--threads 64]
-        [--thread-sample-every N]
+        [--thread-sample-every N] [--changing-inputs]
 
 Runs the real daemon (LinuxPlatform on a generated Xeon-like tree, stepwise policy,
 safety shield, metrics, control socket, history) at 10 Hz in enforce mode, managing the
 threads of a real child process. Prints the epoch duration (median, p99), the daemon's
 CPU use as a share of one core, and its RSS over the run. Targets: median epoch <= 2 ms,
 CPU <= 0.5 % of one core, RSS stable.
+
+The generated tree's temperatures and frequencies never change, so every record the
+platform can reuse is reused. ``--changing-inputs`` has a separate process rewrite every
+temperature and current frequency in the tree at 10 Hz (a busy machine), so that reuse
+misses as it would there; the writer's own CPU is not counted.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "fixtures"))
 
 from machines import build_large  # noqa: E402
 
+from ailfmd.platform.linux.perf import ThreadCounters  # noqa: E402
 from ailfmd.platform.linux.targets import TargetSelector  # noqa: E402
 from ailfmd.service.config import DaemonConfig  # noqa: E402
 from ailfmd.service.daemon import Daemon  # noqa: E402
@@ -43,6 +49,31 @@ for _ in range(int(sys.argv[1]) - 1):
     threading.Thread(target=work, daemon=True).start()
 print("ready", flush=True)
 sys.stdin.read()
+"""
+
+
+# Rewrites every temperature input and current frequency of a tree in place at 10 Hz:
+# temperatures drift smoothly by up to 1 C around their first value (a different value
+# every epoch, far below any limit and too slow to trip a look-ahead, so the policies
+# have no more to do than on the still tree); frequencies jitter by up to 100 MHz. Each
+# value keeps its length and is overwritten with one pwrite, never truncated first, so
+# the daemon never reads a half-written file (sysfs has no such state either).
+WRITER = """
+import glob, math, os, random, sys, time
+root = sys.argv[1]
+temps = sorted(glob.glob(root + "/class/hwmon/hwmon*/temp*_input") + glob.glob(root + "/class/thermal/thermal_zone*/temp"))
+freqs = sorted(glob.glob(root + "/devices/system/cpu/cpufreq/policy*/scaling_cur_freq"))
+base = {f: int(open(f).read()) for f in temps + freqs}
+fds = {f: os.open(f, os.O_WRONLY) for f in base}
+rng = random.Random(1)
+t0 = time.monotonic()
+while True:
+    t = time.monotonic() - t0
+    for i, f in enumerate(temps):
+        os.pwrite(fds[f], b"%d\\n" % (base[f] + round(1000 * math.sin(t * 0.6 + i))), 0)
+    for f in freqs:
+        os.pwrite(fds[f], b"%d\\n" % (base[f] + rng.randrange(-100000, 100001, 1000)), 0)
+    time.sleep(0.1)
 """
 
 
@@ -71,12 +102,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=64)
     ap.add_argument("--thread-sample-every", type=int, default=None,
                     help="platform.thread_sample_every (default: the configuration's default)")
+    ap.add_argument("--changing-inputs", action="store_true",
+                    help="rewrite every temperature and current frequency at 10 Hz from another process")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ailfmd-bench", dir="/tmp"))
     sysfs = build_large(tmp, n_cpus=args.cpus, packages=2)
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(args.threads)], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
     assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(sysfs)]) if args.changing_inputs else None
     try:
         base = DaemonConfig()
         cfg = dataclasses.replace(
@@ -119,25 +153,36 @@ def main() -> None:
         totals.clear()
         phases.clear()
         threading.Thread(target=sample_rss, daemon=True).start()
+        # The loop thread's user-space instructions: unlike CPU time, barely moved by what
+        # else the machine runs, so runs under different load compare.
+        work = ThreadCounters(threading.get_native_id(), ("instructions",))
+        work.read_deltas()
         c0, w0 = cpu_s(), time.monotonic()
         daemon.run(max_epochs=warm + 1 + epochs)
         c1, w1 = cpu_s(), time.monotonic()
+        instructions = work.read_deltas().get("instructions")
+        work.close()
         sampler_stop.set()
         s = sorted(totals)
         threads = len(daemon.loop.last.observation.threads) if daemon.loop.last else 0
         every = cfg.platform.thread_sample_every
         print(f"{args.cpus} CPUs, {threads} managed threads, {len(s)} epochs at 10 Hz over {w1 - w0:.0f} s, "
-              f"thread counters every {every} epoch{'s' if every > 1 else ''}")
+              f"thread counters every {every} epoch{'s' if every > 1 else ''}"
+              + (", temperatures and frequencies changing every epoch" if writer else ""))
         print(f"epoch: median {statistics.median(s) * 1e3:.2f} ms, p99 {s[int(0.99 * len(s))] * 1e3:.2f} ms")
         print("phases (median ms): " + ", ".join(f"{k} {statistics.median(v) * 1e3:.2f}" for k, v in phases.items()))
         print(f"CPU: {100 * (c1 - c0) / (w1 - w0):.2f} % of one core")
+        if instructions is not None:
+            print(f"loop thread: {instructions / epochs / 1e6:.2f} M user-space instructions per epoch")
         if rss:
             q = max(1, len(rss) // 4)
             print(f"RSS: first quarter {statistics.mean(rss[:q]) / 1024:.1f} MiB, "
                   f"last quarter {statistics.mean(rss[-q:]) / 1024:.1f} MiB, max {max(rss) / 1024:.1f} MiB")
     finally:
-        child.kill()
-        child.wait()
+        for proc in (child, writer):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
 
 
 if __name__ == "__main__":

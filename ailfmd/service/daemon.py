@@ -111,6 +111,7 @@ class Daemon:
         self.metrics_address: tuple[str, int] | None = None
         self.control: ControlServer | None = None
         self.hotplug: HotplugWatcher | None = None
+        self._poll: tuple[select.poll, int] | None = None
 
     def _load_policy(self, cfg: DaemonConfig) -> LoadedPolicy:
         loaded = load_policy(cfg.policy)
@@ -195,6 +196,8 @@ class Daemon:
         raise CommandError(f"unknown command {cmd!r}")
 
     def _run_commands(self) -> None:
+        if self.commands.empty():
+            return  # the usual case, without raising queue.Empty every epoch
         while True:
             try:
                 cmd, _peer = self.commands.get_nowait()
@@ -248,25 +251,34 @@ class Daemon:
         hottest = f"{max(temps):.1f} C" if temps else "no sensors"
         return f"{mode}, policy {rec.policy_name}, hottest {hottest}, {len(rec.observation.threads)} threads"
 
+    def _waiter(self) -> tuple[select.poll, int]:
+        """The poll set of the wait between epochs and the hotplug descriptor in it (-1:
+        none), built once: it only changes when the hotplug monitor does."""
+        hotplug_fd = self.hotplug.fileno() if self.hotplug else -1
+        if self._poll is None or self._poll[1] != hotplug_fd:
+            # poll(), not select(): a big machine keeps well over 1024 sysfs and perf
+            # descriptors open, and select() cannot watch descriptors numbered that high.
+            waiter = select.poll()
+            waiter.register(self._wake_r, select.POLLIN)
+            if hotplug_fd >= 0:
+                waiter.register(hotplug_fd, select.POLLIN)
+            self._poll = (waiter, hotplug_fd)
+        return self._poll
+
     def _wait(self, until: float) -> None:
-        # poll(), not select(): a big machine keeps well over 1024 sysfs and perf
-        # descriptors open, and select() cannot watch descriptors numbered that high.
-        waiter = select.poll()
-        waiter.register(self._wake_r, select.POLLIN)
-        if self.hotplug:
-            waiter.register(self.hotplug.fileno(), select.POLLIN)
+        waiter, hotplug_fd = self._waiter()
         while not self._stop:
             left = until - time.monotonic()
             if left <= 0:
                 return
-            ready = {fd for fd, _ in waiter.poll(left * 1000)}
+            ready = [fd for fd, _ in waiter.poll(left * 1000)]
             if self._wake_r in ready:
                 try:
                     os.read(self._wake_r, 4096)
                 except BlockingIOError:
                     pass
                 return
-            if self.hotplug and self.hotplug.fileno() in ready:
+            if self.hotplug and hotplug_fd in ready:
                 events = self.hotplug.drain()
                 if events:
                     log.info("hotplug: %s; re-discovering", ", ".join(f"{e.subsystem} {e.action}" for e in events[:5]))

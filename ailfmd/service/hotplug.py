@@ -42,9 +42,12 @@ class HotplugWatcher:
         for subsystem in SUBSYSTEMS:
             self._monitor.filter_by(subsystem)
         self._monitor.start()
+        # The netlink socket is the monitor's for its whole life; asking libudev for it
+        # costs a foreign call, and the daemon asks between every two epochs.
+        self._fd: int = self._monitor.fileno()
 
     def fileno(self) -> int:
-        return self._monitor.fileno()
+        return self._fd
 
     def drain(self) -> list[HotplugEvent]:
         """Every event waiting now (never blocks)."""
@@ -60,3 +63,4 @@ class HotplugWatcher:
         # pyudev has no explicit close: libudev closes the netlink socket when the
         # monitor's last reference goes.
         self._monitor = None  # type: ignore[assignment]
+        self._fd = -1

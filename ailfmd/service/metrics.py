@@ -15,6 +15,7 @@ and counts the rest under ``other``.
 
 from __future__ import annotations
 
+import operator
 import re
 import socket
 import threading
@@ -41,6 +42,7 @@ OTHER = "other"
 
 _Values = list[tuple[tuple[str, ...], float]]  # label values -> sample value
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
+_outcome_ok = operator.attrgetter("ok")
 
 
 def reason_label(text: str) -> str:
@@ -177,7 +179,8 @@ class DaemonMetrics:
                 # Only a change of CPU set is a placement; policies may restate one every epoch.
                 if th is not None and th.affinity != cpus:
                     self._placements.inc((th.comm,))
-            if record.applied is not None:
+            # Usually every outcome is ok: checked in one C-level pass before looping.
+            if record.applied is not None and not all(map(_outcome_ok, record.applied.outcomes)):
                 for o in record.applied.outcomes:
                     if not o.ok:
                         self._apply_failures.inc((apply_kind(o.target),))

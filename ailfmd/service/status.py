@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ailfmd.control.records import TickRecord
-from ailfmd.platform.base import ApplyOutcome, Topology
+from ailfmd.platform.base import ApplyOutcome, ApplyResult, Topology
 from ailfmd.platform.linux.sysfs import format_cpu_list
 from ailfmd.policy.base import Reason
 
@@ -103,28 +103,44 @@ class FallbackEpisode:
     epochs: int = 1
 
 
-def summarize(record: TickRecord) -> EpochSummary:
-    """The part of a TickRecord ``explain`` needs (the observation is dropped)."""
-    shield = tuple(record.shield)
-    decided = tuple(record.decision.reasons)
+# What History keeps of an epoch until someone asks: the record's parts a summary is
+# made of, minus the observation (in EpochSummary's order; the actions are the decision's
+# reasons, the outcomes those of the apply, or None).
+_Kept = tuple[int, float, str, bool, str, "str | None", "ApplyResult | None", tuple[Reason, ...],
+              tuple[Reason, ...], tuple[int, ...], "float | None", "float | None"]
+
+
+def _keep(record: TickRecord) -> _Kept:
+    return (record.epoch, record.wall_time_s, record.mode, record.paused, record.policy_name, record.fallback,
+            record.applied, tuple(record.decision.reasons), tuple(record.shield), tuple(record.violations),
+            record.inference_s, record.timings_s.get("total"))
+
+
+def _summary(kept: _Kept) -> EpochSummary:
+    epoch, wall_s, mode, paused, policy_name, fallback, applied, decided, shield, violations, inference_s, total_s = kept
     # The shield's reasons usually also appear in the final decision; list each once.
     actions = decided + tuple(r for r in shield if r not in decided)
-    failures = () if record.applied is None else tuple(o for o in record.applied.outcomes if not o.ok)
+    failures = () if applied is None else tuple(o for o in applied.outcomes if not o.ok)
     return EpochSummary(
-        epoch=record.epoch,
-        wall_time_s=record.wall_time_s,
-        mode=record.mode,
-        paused=record.paused,
-        policy_name=record.policy_name,
-        fallback=record.fallback,
-        applied=record.applied is not None,
+        epoch=epoch,
+        wall_time_s=wall_s,
+        mode=mode,
+        paused=paused,
+        policy_name=policy_name,
+        fallback=fallback,
+        applied=applied is not None,
         actions=actions,
         shield=frozenset(shield),
         apply_failures=failures,
-        violations=tuple(record.violations),
-        inference_s=record.inference_s,
-        duration_s=record.timings_s.get("total"),
+        violations=violations,
+        inference_s=inference_s,
+        duration_s=total_s,
     )
+
+
+def summarize(record: TickRecord) -> EpochSummary:
+    """The part of a TickRecord ``explain`` needs (the observation is dropped)."""
+    return _summary(_keep(record))
 
 
 class History:
@@ -139,15 +155,16 @@ class History:
             raise ValueError("History needs room for at least one epoch and one event")
         self.capacity = epochs
         self._lock = threading.Lock()
-        self._epochs: deque[EpochSummary] = deque(maxlen=epochs)
+        self._epochs: deque[_Kept] = deque(maxlen=epochs)
         self._shield: deque[ShieldEvent] = deque(maxlen=events)
         self._fallbacks: deque[FallbackEpisode] = deque(maxlen=events)
         self._totals = {"epochs": 0, "shield_interventions": 0, "fallback_epochs": 0, "violation_epochs": 0}
 
     def add(self, record: TickRecord) -> None:
-        summary = summarize(record)
+        # Summaries are built when a document asks for them, not every epoch.
+        kept = _keep(record)
         with self._lock:
-            self._epochs.append(summary)
+            self._epochs.append(kept)
             self._totals["epochs"] += 1
             for r in record.shield:
                 self._shield.append(ShieldEvent(record.epoch, record.wall_time_s, r))
@@ -176,7 +193,8 @@ class History:
     def epochs(self, n: int) -> list[EpochSummary]:
         """The last ``n`` epochs, newest first."""
         with self._lock:
-            return list(self._epochs)[::-1][: max(n, 0)]
+            kept = list(self._epochs)[::-1][: max(n, 0)]
+        return [_summary(k) for k in kept]
 
     def shield_events(self, n: int) -> list[ShieldEvent]:
         """The last ``n`` shield interventions, newest first."""

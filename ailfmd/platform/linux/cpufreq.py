@@ -18,7 +18,6 @@ Driver rules that matter for capping:
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 import re
@@ -210,13 +209,33 @@ class PolicyReader:
             if cur == last.cur_khz:
                 return last
             if cur is not None and 0 < cur <= MAX_PLAUSIBLE_KHZ and last.cur_khz is not None:
-                self._last = dataclasses.replace(last, cur_khz=cur)
-                return self._last
+                return self.with_cur(cur)
         self._last = read_policy(self.hot, self.st)
         if raw is None:
             self._resolve()
         self._raw = raw
         return self._last
+
+    def with_cur(self, cur_khz: int) -> FreqPolicy:
+        """The last record with ``cur_khz`` (a plausible value read elsewhere this epoch)
+        as its current frequency; the same record when that is already the case."""
+        last = self._last
+        if last is None:
+            return self.read()
+        if last.cur_khz != cur_khz:
+            # All fields spelled out: dataclasses.replace() introspects the class each call.
+            self._last = FreqPolicy(
+                last.policy_id, last.cpus, last.driver, last.governor, last.min_khz, last.max_khz, cur_khz,
+                last.hw_min_khz, last.hw_max_khz, last.available_khz, last.available_governors,
+                last.active_mode, last.energy_perf_preference, last.errors,
+            )
+        return self._last
+
+    def adopt(self, policy: FreqPolicy) -> None:
+        """``policy`` is the state now (a write was read back): the next :meth:`read` reads
+        every file again rather than trust the raw content it last saw."""
+        self._last = policy
+        self._raw = None
 
 
 def clamp_cap(st: PolicyStatic, policy: FreqPolicy, cap_khz: int) -> tuple[int, str]:

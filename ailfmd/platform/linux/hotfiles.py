@@ -95,9 +95,9 @@ class HotFiles:
 class IntBank:
     """A fixed set of integer files read together each epoch, as fast as Python allows.
 
-    ``int()`` parses the raw bytes directly (it accepts the trailing newline), so a read
-    is one pread and one int call; the reason for a failure is worked out only when one
-    happens.
+    The raw bytes of all files are compared with the previous read in one step and
+    parsed only when they differ; ``int()`` parses raw bytes directly (it accepts the
+    trailing newline). The reason for a failure is worked out only when one happens.
     """
 
     def __init__(self, hot: HotFiles, rels: list[str]) -> None:
@@ -110,15 +110,22 @@ class IntBank:
             except SysfsError:
                 self._fds.append(-1)
         self._clean = all(fd >= 0 for fd in self._fds)  # the last read had no failure
+        # The last clean read: raw contents and their values.
+        self._raw: list[bytes] | None = None
+        self._values: list[int] = []
 
     def read(self) -> tuple[list[int | None], dict[int, str]]:
-        """(values, {index: reason}) with None at the failed indexes."""
+        """(values, {index: reason}) with None at the failed indexes; a new list each call."""
         if self._clean:
             pread = os.pread
             try:
-                return [int(pread(fd, 64, 0)) for fd in self._fds], {}
+                raw = [pread(fd, 64, 0) for fd in self._fds]
+                if raw != self._raw:
+                    self._values = [int(r) for r in raw]
+                    self._raw = raw
+                return list(self._values), {}
             except (OSError, ValueError):
-                pass  # read them one by one below, each failure with its reason
+                self._raw = None  # read them one by one below, each failure with its reason
         values: list[int | None] = []
         errors: dict[int, str] = {}
         pread = os.pread
@@ -141,7 +148,8 @@ class IntBank:
         try:
             self.hot.read_int(rel)
         except SysfsError as e:
-            if rel not in self.hot._fds:
-                self._fds[i] = -1
             return e.reason
+        finally:
+            # Another reader of the same file may have made HotFiles drop and reopen it.
+            self._fds[i] = self.hot._fds.get(rel, -1)
         return "value changed while reading"

@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 from ailfmd.errors import AilfmError, SysfsError, WriteRefused
 from ailfmd.platform.base import (
@@ -24,9 +24,9 @@ from ailfmd.platform.base import (
     Capabilities,
     Capability,
     CpuState,
+    CpuTemp,
     FreqPolicy,
     Observation,
-    ThrottleCounts,
     Topology,
 )
 from ailfmd.platform.linux import cpufreq
@@ -34,7 +34,9 @@ from ailfmd.platform.linux.hotfiles import HotFiles, IntBank
 from ailfmd.platform.linux.hwmon import discover_hwmon
 from ailfmd.platform.linux.journal import Journal
 from ailfmd.platform.linux.others import find_other_managers
+from ailfmd.platform.linux.records import make_cpu_state
 from ailfmd.platform.linux.restore import restore_journal
+from ailfmd.platform.linux.slowstate import SlowState
 from ailfmd.platform.linux.sysfs import Root
 from ailfmd.platform.linux.temps import TempCache, TempPlan, plan_temperatures
 from ailfmd.platform.linux.thermal_zones import discover_zones
@@ -128,15 +130,24 @@ class LinuxPlatform:
         self._temp_bank = IntBank(self._hot, [s.path for s in d.plan.sensors])
         self._cur_bank = IntBank(self._hot, [f"{p.paths.dir_rel}/scaling_cur_freq" for p in d.policies])
         self._temps = TempCache(d.plan)
-        self._policy_readers = [cpufreq.PolicyReader(self._hot, st) for st in d.policies]
-        self._policies: tuple[FreqPolicy, ...] | None = None
-        self._throttle: dict[int, ThrottleCounts | None] = {}
+        self._slow = SlowState(self._hot, d.policies, d.throttle_cpus, self.slow_every)
         self._epoch = 0
         # Per online CPU: (cpu, policy index or None), and the CpuState built last epoch
         # with what it was built from, reused while none of that changes.
         self._cpu_policy = [(cpu, d.policy_of_cpu.get(cpu)) for cpu in d.topology.online_cpus]
         self._cpu_states: dict[int, tuple[object, object, object, object, CpuState]] = {}
+        # What the last CPU sweep was built from (temperatures, current frequencies, slow
+        # state version) and its result: when none of it changed, the sweep is the same.
+        self._last_sweep: tuple[object, list[int | None], int, dict[int, CpuState]] | None = None
+        # Per policy: (max, hw_min, hw_max), the same tuple object while those read the same.
+        self._limits: list[tuple[int | None, int | None, int | None]] = []
+        self._limits_version = -1
         self._unchanged_caps: dict[int, tuple[tuple[int, int | None, int | None], ApplyOutcome]] = {}
+        # The last frequency-cap request that changed nothing anywhere: (caps asked, the
+        # limits they were checked against, the outcomes).
+        self._unchanged_request: tuple[dict[int, int], object, list[ApplyOutcome]] | None = None
+        self._cap_inputs_cached: tuple[tuple[int, int | None, int | None], ...] | None = None
+        self._cap_inputs_version = -1
 
     def rediscover(self) -> None:
         """Re-read topology, sensors and policies (CPU or sensor hotplug)."""
@@ -183,104 +194,136 @@ class LinuxPlatform:
     def read_policies(self) -> tuple[FreqPolicy, ...]:
         return tuple(cpufreq.read_policy(self._hot, st) for st in self._d.policies)
 
-    def _refresh_slow_state(self, part: int | None = None) -> None:
-        """Re-read policy limits/governors and throttle counters.
-
-        They change rarely (or only when we write them), so each epoch re-reads one
-        ``slow_every``-th of them in turn (``part``), which keeps every sweep equally
-        cheap; ``part=None`` re-reads all (first sweep, after a cap was written). A
-        record that reads the same as before is kept (the same object).
-        """
-        d = self._d
-        n = self.slow_every
-        old = self._policies
-        readers = self._policy_readers
-        if old is None or part is None:
-            self._policies = tuple(r.read() for r in readers)
-        else:
-            pols: list[FreqPolicy] | None = None
-            for i in range(part, len(readers), n):
-                new = readers[i].read()
-                if new is not old[i] and new != old[i]:
-                    if pols is None:
-                        pols = list(old)
-                    pols[i] = new
-            if pols is not None:
-                self._policies = tuple(pols)
-        throttle = self._throttle
-        for c in d.throttle_cpus if part is None else d.throttle_cpus[part::n]:
-            new_t = cpufreq.read_throttle(self._hot, c)
-            if c not in throttle or new_t != throttle[c]:
-                throttle[c] = new_t
+    def _policy_limits(self, policies: tuple[FreqPolicy, ...]) -> list[tuple[int | None, int | None, int | None]]:
+        """(max, hw_min, hw_max) per policy: what a CpuState takes from its policy. A
+        policy record renewed only for its current frequency keeps its tuple."""
+        if self._limits_version != self._slow.limits_version:
+            old = self._limits
+            new = [(p.max_khz, p.hw_min_khz, p.hw_max_khz) for p in policies]
+            if len(old) == len(new):
+                new = [o if o == n else n for o, n in zip(old, new)]
+            self._limits, self._limits_version = new, self._slow.limits_version
+        return self._limits
 
     def observe(self) -> Observation:
-        if self._policies is None:
-            self._refresh_slow_state()
-        else:
-            self._refresh_slow_state(self._epoch % self.slow_every)
+        cur_values, cur_errors = self._cur_bank.read()
+        max_khz = cpufreq.MAX_PLAUSIBLE_KHZ
+        if cur_values and (cur_errors or not 0 < min(cur_values) <= max(cur_values) <= max_khz):  # type: ignore[type-var]
+            cur_values = [c if c is not None and 0 < c <= max_khz else None for c in cur_values]
+        slow = self._slow
+        slow.refresh(None if slow.policies is None else self._epoch % self.slow_every, cur_values)
         self._epoch += 1
         temp_values, temp_errors = self._temp_bank.read()
-        readings, temps = self._temps.update(temp_values, temp_errors)
-        cur_values, _ = self._cur_bank.read()
-        policies = self._policies or ()
-        throttle = self._throttle.get
-        states = self._cpu_states
-        max_khz = cpufreq.MAX_PLAUSIBLE_KHZ
-        cpus = {}
-        for cpu, pi in self._cpu_policy:
-            temp = temps[cpu]
-            thr = throttle(cpu)
-            if pi is not None:
-                pol: FreqPolicy | None = policies[pi]
-                cur = cur_values[pi]
-                if cur is not None and not 0 < cur <= max_khz:
-                    cur = None
-            else:
-                pol = cur = None
-            known = states.get(cpu)
-            if known is not None and known[0] is temp and known[1] == cur and known[2] is pol and known[3] is thr:
-                cpus[cpu] = known[4]
-                continue
-            st = cpus[cpu] = CpuState(
-                cpu,
-                temp,
-                cur,
-                pol.max_khz if pol else None,
-                pol.hw_min_khz if pol else None,
-                pol.hw_max_khz if pol else None,
-                thr,
-            )
-            states[cpu] = (temp, cur, pol, thr, st)
+        _, temps = self._temps.update(temp_values, temp_errors)
+        policies = slow.policies or ()
+        last = self._last_sweep
+        if last is not None and last[0] is temps and last[2] == slow.limits_version and last[1] == cur_values:
+            # Nothing a CpuState is built from changed: the same states (a fresh mapping,
+            # since every Observation owns its own).
+            cpus = dict(last[3])
+        else:
+            cpus = self._cpu_sweep(temps, cur_values, policies)
+            self._last_sweep = (temps, cur_values, slow.limits_version, cpus)
+            cpus = dict(cpus)
         now = self._clock()
         return Observation(
             time_s=now,
             cpus=cpus,
             threads=self.threads.sample(now),
-            sensors=tuple(readings.values()),
+            sensors=self._temps.readings,
             policies=policies,
         )
 
+    def _cpu_sweep(
+        self, temps: dict[int, CpuTemp], cur_values: list[int | None], policies: tuple[FreqPolicy, ...]
+    ) -> dict[int, CpuState]:
+        """Every online CPU's state, reusing each one built from the same inputs."""
+        limits = self._policy_limits(policies)
+        throttle = self._slow.throttle.get
+        states = self._cpu_states
+        cpus = {}
+        for cpu, pi in self._cpu_policy:
+            temp = temps[cpu]
+            thr = throttle(cpu)
+            if pi is not None:
+                lim: tuple[int | None, int | None, int | None] | None = limits[pi]
+                cur = cur_values[pi]
+            else:
+                lim = cur = None
+            known = states.get(cpu)
+            if known is not None and known[0] is temp and known[1] == cur and known[2] is lim and known[3] is thr:
+                cpus[cpu] = known[4]
+                continue
+            st = cpus[cpu] = make_cpu_state(
+                cpu,
+                temp,
+                cur,
+                lim[0] if lim else None,
+                lim[1] if lim else None,
+                lim[2] if lim else None,
+                thr,
+            )
+            states[cpu] = (temp, cur, lim, thr, st)
+        return cpus
+
     # ------------------------------------------------------------------ actuation
     def apply(self, action: Action) -> ApplyResult:
-        outcomes = [self._apply_cap(i, cap) for i, cap in self._caps_by_policy(action).items()]
+        outcomes = self._apply_caps(action.freq_cap_khz)
         for ref, cpus in action.affinity.items():
             outcomes.append(self.threads.set_affinity(ref, cpus, self.journal))
         return ApplyResult(tuple(outcomes))
 
-    def _caps_by_policy(self, action: Action) -> dict[int, int]:
+    def _cap_inputs(self) -> tuple[tuple[int, int | None, int | None], ...] | None:
+        """(policy id, min, max) per policy: all a cap's outcome depends on besides the
+        request and the static policy. The same tuple while those read the same (a
+        policy renewed only for its current frequency does not count); None before the
+        first sweep and after restore()."""
+        policies = self._slow.policies
+        if policies is None:
+            return None
+        if self._cap_inputs_version != self._slow.limits_version:
+            new = tuple((p.policy_id, p.min_khz, p.max_khz) for p in policies)
+            if new != self._cap_inputs_cached:
+                self._cap_inputs_cached = new
+            self._cap_inputs_version = self._slow.limits_version
+        return self._cap_inputs_cached
+
+    def _apply_caps(self, caps_khz: Mapping[int, int]) -> list[ApplyOutcome]:
+        inputs = self._cap_inputs()
+        same = self._unchanged_request
+        # Policies may restate every cap every epoch: the same request, against the same
+        # limits, as one that changed nothing gets the same outcomes.
+        if same is not None and inputs is not None and same[1] is inputs and same[0] == caps_khz:
+            return list(same[2])
+        outcomes: list[ApplyOutcome] = []
+        all_unchanged = True
+        for i, cap in self._caps_by_policy(caps_khz).items():
+            outcome = self._apply_cap(i, cap)
+            known = self._unchanged_caps.get(i)
+            all_unchanged = all_unchanged and known is not None and known[1] is outcome
+            outcomes.append(outcome)
+        if all_unchanged and inputs is not None and self._cap_inputs() is inputs:
+            self._unchanged_request = (dict(caps_khz), inputs, outcomes)
+        else:
+            self._unchanged_request = None
+        return list(outcomes)
+
+    def _caps_by_policy(self, caps_khz: Mapping[int, int]) -> dict[int, int]:
         # One policy may cover several CPUs: the lowest cap asked for any of them wins.
         out: dict[int, int] = {}
-        for cpu, cap in action.freq_cap_khz.items():
-            pi = self._d.policy_of_cpu.get(cpu)
+        policy_of_cpu = self._d.policy_of_cpu
+        for cpu, cap in caps_khz.items():
+            pi = policy_of_cpu.get(cpu)
             if pi is not None:
                 out[pi] = min(cap, out.get(pi, cap))
         return out
 
     def _apply_cap(self, pi: int, cap_khz: int) -> ApplyOutcome:
         st = self._d.policies[pi]
+        policies = self._slow.policies
         # The cached state is at most `slow_every` epochs old and every write is read
         # back, so re-reading the policy before each write would only cost syscalls.
-        cached = self._policies[pi] if self._policies is not None and pi < len(self._policies) else None
+        cached = policies[pi] if policies is not None and pi < len(policies) else None
         live = cached if cached is not None and cached.policy_id == st.paths.policy_id else cpufreq.read_policy(self._hot, st)
         # Policies may restate every cap every epoch: a request that changed nothing last
         # time, against the same limits, changes nothing now and gets the same outcome.
@@ -305,16 +348,17 @@ class LinuxPlatform:
         except (WriteRefused, AilfmError, OSError) as e:
             return ApplyOutcome(target, f"{cap_khz} kHz", None, False, str(e))
         ok = got == value
-        if self._policies is not None and pi < len(self._policies):
-            pols = list(self._policies)
-            pols[pi] = dataclasses.replace(live, max_khz=got)
-            self._policies = tuple(pols)
+        self._slow.replace_policy(pi, dataclasses.replace(live, max_khz=got))
         detail = note if ok else f"kernel reports {got} kHz after writing {value}"
         return ApplyOutcome(target, f"{cap_khz} kHz", f"{got} kHz", ok, detail)
 
     def restore(self) -> ApplyResult:
         """Put back every value this or an earlier (killed) process changed."""
-        return restore_journal(self.journal, self.procfs)
+        try:
+            return restore_journal(self.journal, self.procfs)
+        finally:
+            # Limits were written behind the cached records' back: read them all again.
+            self._slow.invalidate()
 
     def close(self) -> None:
         self._hot.close()

@@ -24,6 +24,7 @@ targets, and neither is any thread of the daemon's own process.
 
 from __future__ import annotations
 
+import operator
 import os
 import re
 from dataclasses import dataclass, fields
@@ -245,10 +246,14 @@ def discover_threads(
             found.setdefault(ref.tid, ref)
 
     for pid in selector.pids:
-        try:
-            tgid = pfs.read_tgid(procfs, pid)
-        except NoSuchThread:
-            continue
+        leader = known(pid) if known is not None else None
+        if leader is not None and leader.pid == pid:
+            tgid = pid  # a live leader already tracked: no need to parse its status again
+        else:
+            try:
+                tgid = pfs.read_tgid(procfs, pid)
+            except NoSuchThread:
+                continue
         add(_process_threads(procfs, tgid, me, known))
 
     if selector.comm_patterns:
@@ -269,4 +274,7 @@ def discover_threads(
     for path in dict.fromkeys(cgroup_paths):
         add(_cgroup_threads(procfs, cgroupfs, path, me, known))
 
-    return tuple(sorted(found.values(), key=lambda r: (r.pid, r.tid)))
+    return tuple(sorted(found.values(), key=_pid_tid))
+
+
+_pid_tid = operator.attrgetter("pid", "tid")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from ailfmd.platform.base import CpuTemp, TempReading, TempSensor, Topology
 from ailfmd.platform.linux.hwmon import HwmonChip
+from ailfmd.platform.linux.records import make_cpu_temp, make_temp_reading
 from ailfmd.platform.linux.thermal_zones import ThermalZone, zone_rank
 from ailfmd.platform.linux.topology import llc_domains
 
@@ -212,7 +213,7 @@ def _choose(cpu: int, cands: tuple[Candidate, ...], readings: dict[str, TempRead
             reason = cand.reason
             if skipped:
                 reason += "; fallback because " + "; ".join(skipped)
-            return CpuTemp(cpu, r.temp_c, cand.sensor, reason)
+            return make_cpu_temp(cpu, r.temp_c, cand.sensor, reason)
         why = r.error if r is not None else "not read"
         skipped.append(f"{cand.sensor.chip}/{cand.sensor.sensor}: {why}")
     reason = "no temperature sensor for this CPU"
@@ -241,11 +242,23 @@ class TempCache:
         self._readings: list[TempReading | None] = [None] * n
         self._per_cpu = [(cpu, cands, cands[0].sensor.path if cands else None) for cpu, cands in plan.per_cpu.items()]
         self._temps: dict[int, tuple[TempReading | None, CpuTemp]] = {}
+        self._last: tuple[dict[str, TempReading], dict[int, CpuTemp], tuple[TempReading, ...]] | None = None
+
+    @property
+    def readings(self) -> tuple[TempReading, ...]:
+        """Every reading of the last :meth:`update`, in ``plan.sensors`` order."""
+        return self._last[2] if self._last is not None else ()
 
     def update(
         self, values: list[int | None], errors: dict[int, str]
     ) -> tuple[dict[str, TempReading], dict[int, CpuTemp]]:
-        """(readings by path, temperature per CPU) for raw values in ``plan.sensors`` order."""
+        """(readings by path, temperature per CPU) for raw values in ``plan.sensors`` order.
+
+        When every value reads as last time without error, the previous result is
+        returned as it is (the same objects): callers must not modify it.
+        """
+        if not errors and self._last is not None and values == self._raw:
+            return self._last[0], self._last[1]
         sensors = self.plan.sensors
         raws, cache = self._raw, self._readings
         readings: dict[str, TempReading] = {}
@@ -255,11 +268,11 @@ class TempCache:
                 s = sensors[i]
                 max_c, crit_c = self._limits[i]
                 if raw is None:
-                    r = TempReading(s, None, errors.get(i, "unreadable"), max_c, crit_c)
+                    r = make_temp_reading(s, None, errors.get(i, "unreadable"), max_c, crit_c)
                 elif PLAUSIBLE_MIN_C <= raw / 1000.0 <= PLAUSIBLE_MAX_C:
-                    r = TempReading(s, raw / 1000.0, None, max_c, crit_c)
+                    r = make_temp_reading(s, raw / 1000.0, None, max_c, crit_c)
                 else:
-                    r = TempReading(s, None, f"implausible temperature {raw} m°C", max_c, crit_c)
+                    r = make_temp_reading(s, None, f"implausible temperature {raw} m°C", max_c, crit_c)
                 cache[i], raws[i] = r, raw
             readings[sensors[i].path] = r
         temps: dict[int, CpuTemp] = {}
@@ -271,11 +284,14 @@ class TempCache:
                 if known is not None and known[0] is first:
                     temps[cpu] = known[1]
                     continue
-                t = temps[cpu] = _choose(cpu, cands, readings)
+                # What _choose() makes when the best candidate has a value, without its loop.
+                best = cands[0]
+                t = temps[cpu] = make_cpu_temp(cpu, first.temp_c, best.sensor, best.reason)
                 last[cpu] = (first, t)
             else:
                 # The best source has no value: the fallback's reason names why; rare,
                 # so built afresh every time.
                 temps[cpu] = _choose(cpu, cands, readings)
                 last.pop(cpu, None)
+        self._last = (readings, temps, tuple(readings.values()))
         return readings, temps

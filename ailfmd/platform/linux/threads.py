@@ -2,8 +2,7 @@
 
 Each tracked thread keeps its ``stat`` and ``schedstat`` files open: procfs answers a
 read on such a descriptor with ESRCH once that task is gone, even if its tid was reused
-since, so an open descriptor is a reuse-proof handle and one pread per file per
-measurement.
+since, so an open descriptor is a reuse-proof handle and one pread per file read.
 The set of targets is re-discovered every ``discover_every`` epochs (new request threads
 show up within that many epochs). A thread that vanished is dropped silently; that is
 normal for an inference server's worker pool. Counters come from ``perf_event_open``
@@ -22,6 +21,15 @@ same counters (hence the same rates while epochs are evenly spaced), same ``comm
 every re-discovery and after ailfmd sets it); a thread whose CPU set ailfmd changes is
 measured again at the next call, and a thread that has exited is noticed at its next
 measurement, at its next re-discovery, or when a change to it fails.
+
+A measurement reads ``stat`` (comm and the CPU the thread last ran on, the most costly
+of the per-thread reads) only when that may have changed: when the thread's perf
+``cpu_migrations`` count went up in the window or cannot be read (no perf, no kernel
+counting, no ``schedstat`` to tell a gone thread by), at its first measurement and after
+ailfmd moved it. Every re-discovery reads it too (it is how a tracked thread is known to
+be alive), which catches a comm renamed by another thread while this one slept. The
+kernel counts a migration when the thread next runs, so a thread moved while it waited
+in a run queue shows its new CPU at the measurement after.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from ailfmd.platform.linux import procfs as pfs
 from ailfmd.platform.linux.affinity import get_affinity, set_affinity
 from ailfmd.platform.linux.journal import Journal
 from ailfmd.platform.linux.perf import HARDWARE_EVENT_NAMES, SOFTWARE_EVENT_NAMES, ThreadCounters, probe_pmu
+from ailfmd.platform.linux.records import make_thread_sample
 from ailfmd.platform.linux.sysfs import Root, format_cpu_list
 from ailfmd.platform.linux.targets import TargetSelector, discover_threads
 
@@ -56,6 +65,8 @@ class _Tracked:
     measured_s: float | None = None  # when the counters were last read
     comm_raw: bytes = b""
     comm: str = ""
+    last_cpu: int | None = None
+    stat_stale: bool = True  # comm and last_cpu must be read from stat at the next measurement
 
     def close(self) -> None:
         for fd in (self.stat_fd, self.sched_fd):
@@ -139,22 +150,26 @@ class ThreadTracker:
 
     # ------------------------------------------------------------------ discovery
     def _known(self, tid: int) -> ThreadRef | None:
-        """A tracked thread's ref if that very thread is still alive: its open descriptor
-        reads (ESRCH once it is gone, even if the tid was reused), so discovery need not
-        open and parse its ``stat`` again."""
+        """A tracked thread's ref if that very thread is still alive: its open ``stat``
+        descriptor reads (ESRCH once it is gone, even if the tid was reused), so discovery
+        need not open and parse it again. The read refreshes its comm and last CPU."""
         tr = self._tracked.get(tid)
         if tr is None:
             return None
         try:
-            os.pread(tr.sched_fd if tr.sched_fd >= 0 else tr.stat_fd, 1024, 0)
+            self._read_stat(tr)
         except OSError:
             return None
+        except SysfsError:
+            pass  # alive, with odd content: its next measurement reports it
         return tr.ref
 
     def _rediscover(self) -> None:
         refs = discover_threads(self.selector, self.procfs, self.cgroupfs, known=self._known)
         wanted = {r.tid: r for r in refs}
-        for tid in [t for t, tr in self._tracked.items() if wanted.get(t) != tr.ref]:
+        # known() hands back the tracked ref itself: identity settles almost every thread.
+        stale = [t for t, tr in self._tracked.items() if (w := wanted.get(t)) is not tr.ref and w != tr.ref]
+        for tid in stale:
             self._drop(tid)
         for tr in self._tracked.values():
             tr.affinity = None
@@ -265,32 +280,18 @@ class ThreadTracker:
     def _measure(self, tr: _Tracked, now: float, prev_s: float | None) -> ThreadSample:
         ref = tr.ref
         tid = ref.tid
+        # Per-epoch share of the window since the last measurement (1 when that was
+        # the previous call, and for a first measurement, whose window is since opening).
+        scale = 1.0
+        measured_s = tr.measured_s
+        if measured_s is not None and prev_s is not None and measured_s != prev_s and now > measured_s:
+            scale = (now - prev_s) / (now - measured_s)
+        counters: dict[str, float] = {}
         try:
-            raw = os.pread(tr.stat_fd, 1024, 0)
-            # Only comm (field 2) and processor (field 39) are needed here: split off the
-            # part after the last ')' (comm may contain any byte) up to field 39.
-            close = raw.rfind(b")")
-            fields = raw[close + 2 :].split(b" ", 37)
-            try:
-                if close < 0 or len(fields) < 37:
-                    raise ValueError
-                last_cpu: int | None = int(fields[36])
-            except ValueError:
-                # Unusual content: the full parser names the problem (or finds no field 39).
-                last_cpu = pfs.parse_task_stat(raw.decode("ascii", "replace"), f"{ref.pid}/task/{tid}/stat").last_cpu
-            comm_raw = raw[raw.find(b"(") + 1 : close]
-            if comm_raw != tr.comm_raw:
-                tr.comm_raw, tr.comm = comm_raw, comm_raw.decode("ascii", "replace")
-            # Per-epoch share of the window since the last measurement (1 when that was
-            # the previous call, and for a first measurement, whose window is since opening).
-            scale = 1.0
-            measured_s = tr.measured_s
-            if measured_s is not None and prev_s is not None and measured_s != prev_s and now > measured_s:
-                scale = (now - prev_s) / (now - measured_s)
-            counters: dict[str, float] = {}
             if tr.counters is not None:
                 tr.counters.add_deltas(counters, scale)
             if tr.sched_fd >= 0:
+                # Also the liveness check: ESRCH once this very thread is gone.
                 ss_raw = os.pread(tr.sched_fd, 1024, 0)
                 try:
                     run_ns, wait_ns, slices = ss_raw.split()
@@ -304,6 +305,8 @@ class ThreadTracker:
                     counters["wait_ns"] = (ss[1] - prev[1]) * scale
                     counters["timeslices"] = (ss[2] - prev[2]) * scale
                 tr.sched_prev = ss
+            if tr.stat_stale or counters.get("cpu_migrations") != 0.0 or tr.sched_fd < 0:
+                self._read_stat(tr)
         except OSError as e:
             if e.errno == errno.ESRCH:
                 raise NoSuchThread(tid) from None
@@ -311,7 +314,27 @@ class ThreadTracker:
         if tr.affinity is None:
             tr.affinity = get_affinity(tid)
         tr.measured_s = now
-        return ThreadSample(ref, tr.comm, last_cpu, tr.affinity, counters)
+        return make_thread_sample(ref, tr.comm, tr.last_cpu, tr.affinity, counters)
+
+    @staticmethod
+    def _read_stat(tr: _Tracked) -> None:
+        """comm (field 2) and processor (field 39) from the thread's ``stat``."""
+        ref = tr.ref
+        raw = os.pread(tr.stat_fd, 1024, 0)
+        # Split off the part after the last ')' (comm may contain any byte) up to field 39.
+        close = raw.rfind(b")")
+        fields = raw[close + 2 :].split(b" ", 37)
+        try:
+            if close < 0 or len(fields) < 37:
+                raise ValueError
+            tr.last_cpu = int(fields[36])
+        except ValueError:
+            # Unusual content: the full parser names the problem (or finds no field 39).
+            tr.last_cpu = pfs.parse_task_stat(raw.decode("ascii", "replace"), f"{ref.pid}/task/{ref.tid}/stat").last_cpu
+        comm_raw = raw[raw.find(b"(") + 1 : close]
+        if comm_raw != tr.comm_raw:
+            tr.comm_raw, tr.comm = comm_raw, comm_raw.decode("ascii", "replace")
+        tr.stat_stale = False
 
     # ------------------------------------------------------------------ actuation
     def set_affinity(self, ref: ThreadRef, cpus: frozenset[int], journal: Journal) -> ApplyOutcome:
@@ -342,7 +365,8 @@ class ThreadTracker:
             )
             if tracked is not None and tracked.ref == ref:
                 got = self._set_tracked(tracked, cpus)
-                # Measured at the next call: where it runs now, not where it ran.
+                # Measured at the next call, stat included: where it runs now, not where it ran.
+                tracked.stat_stale = True
                 self._pending[ref.tid] = tracked
             else:
                 got = set_affinity(self.procfs, ref, cpus)
