@@ -879,37 +879,28 @@ class ThreadCounters:
         }
 
     def read_deltas(self) -> dict[str, float | None]:
-        """Scaled counts since the previous ``read_deltas`` (first call: since open).
+        """Scaled counts since the previous ``read_deltas`` (first call: since open);
+        None for a counter that did not run in the interval.
 
         The interval is scaled by its own enabled/running times, not the totals, so
         a counter that was starved earlier does not distort later intervals. Grouped
         counters share their group's times, so one ratio scales the whole group.
         """
         out: dict[str, float | None] = {}
-        for g, enabled, running, values in self._read_groups():
-            last_enabled, last_running, last_values = g.last
-            g.last = (enabled, running, values)
-            enabled -= last_enabled
-            running -= last_running
-            # As scale_count(), once per group.
-            if enabled <= 0 or running >= enabled:
-                for name, value, last in zip(g.names, values, last_values):
-                    out[name] = float(value - last)
-            elif running == 0:
-                for name in g.names:
-                    out[name] = None
-            else:
-                for name, value, last in zip(g.names, values, last_values):
-                    out[name] = (value - last) * enabled / running
+        self._deltas_into(out, 1.0, idle_as_none=True)
         return out
 
     def add_deltas(self, out: dict[str, float], scale: float = 1.0) -> None:
         """:meth:`read_deltas` written into ``out``, each delta multiplied by ``scale``,
         and counters not counted in the interval (None there) left out.
 
-        The per-epoch path of the thread tracker: no intermediate mapping, and a group
-        whose counters all ran the whole interval is converted in one C-level pass.
+        The per-epoch path of the thread tracker: no intermediate mapping.
         """
+        self._deltas_into(out, scale, idle_as_none=False)  # type: ignore[arg-type]
+
+    def _deltas_into(self, out: dict[str, float | None], scale: float, idle_as_none: bool) -> None:
+        # As scale_count(), once per group; a group whose counters all ran the whole
+        # interval is converted in one C-level pass.
         sub = operator.sub
         for g, enabled, running, values in self._read_groups():
             last_enabled, last_running, last_values = g.last
@@ -925,6 +916,8 @@ class ThreadCounters:
                 out.update(zip(
                     g.names, [(v - last) * enabled / running * scale for v, last in zip(values, last_values)]
                 ))
+            elif idle_as_none:
+                out.update(dict.fromkeys(g.names))
 
     def close(self) -> None:
         """Close every counter fd; safe to call twice."""
