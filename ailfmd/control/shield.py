@@ -22,9 +22,17 @@ the record says so. It never raises a cap above what the policy asked.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import attrgetter, sub
 
 from ailfmd.platform.base import Action, CpuState, Observation, ThreadRef, ThreadSample, Topology
 from ailfmd.policy.base import Decision, Reason
+
+# Read in C for every CPU / sensor each epoch: what the per-CPU limits are made of, and
+# the temperatures.
+_cpu_inputs = attrgetter("temp.source", "hw_min_khz", "hw_max_khz")
+_sensor_inputs = attrgetter("sensor", "max_c", "crit_c")
+_temp_of = attrgetter("temp.temp_c")
 
 
 @dataclass(frozen=True)
@@ -53,7 +61,19 @@ class SafetyShield:
     _policy_caps: dict[int, int] = field(default_factory=dict)  # the policy's last ask per CPU
     _last: dict[int, tuple[float, float]] = field(default_factory=dict)  # cpu -> (time_s, temp_c)
     # The per-CPU (limit, critical) of the last filter() call, for the loop's report.
+    # Shared with the shield's cache: read it, never change it.
     last_limits_c: dict[int, tuple[float, float]] = field(default_factory=dict)
+    # The lowest of last_limits_c's limits (the configured limit when there are no CPUs).
+    last_min_limit_c: float | None = None
+    # The hottest CPU temperature of the last filter() call when every CPU had a reading
+    # and it was below every guard band, else None (then nothing is known about it).
+    last_cool_max_c: float | None = None
+    # (inputs, limits, lowest limit, lowest guard band, CPUs without a frequency range)
+    # of the last limits computed; see _limits().
+    _limits_cache: tuple[object, dict[int, tuple[float, float]], float, float, frozenset[int]] | None = None
+    # (CPUs in order, their temperatures) of the last filter() call when every CPU had a
+    # reading, all of them now in _last; None otherwise.
+    _prev_temps: tuple[list[int], list[float]] | None = None
 
     def reset(self, topology: Topology) -> None:
         self.topology = topology
@@ -96,11 +116,67 @@ class SafetyShield:
             out[cpu] = pair
         return out
 
+    def _limits(self, obs: Observation) -> tuple[dict[int, tuple[float, float]], float, float, frozenset[int]]:
+        """:meth:`limits_c` with the lowest limit and guard band, and the CPUs without a
+        frequency range; kept with their inputs (compared by value, in C) and recomputed
+        only when those differ: sensors' thresholds and CPUs' sensors rarely change."""
+        cfg = self.config
+        cpus = obs.cpus
+        key = (
+            cfg,
+            list(cpus),
+            list(map(_cpu_inputs, cpus.values())),
+            list(map(_sensor_inputs, obs.sensors)) if cfg.follow_sensor_limits else None,
+        )
+        cached = self._limits_cache
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2], cached[3], cached[4]
+        limits = self.limits_c(obs)
+        min_limit = min((lim for lim, _ in limits.values()), default=cfg.limit_c)
+        min_guard = min((lim - cfg.margin_c for lim, _ in limits.values()), default=cfg.limit_c - cfg.margin_c)
+        unranged = frozenset(c for c, st in cpus.items() if st.hw_min_khz is None or st.hw_max_khz is None)
+        self._limits_cache = (key, limits, min_limit, min_guard, unranged)
+        return limits, min_limit, min_guard, unranged
+
     def filter(self, obs: Observation, decision: Decision) -> tuple[Decision, tuple[Reason, ...]]:
         """The decision to apply and the shield's own reasons (empty when it did nothing)."""
-        cfg = self.config
-        limits = self.limits_c(obs)
+        limits, min_limit, min_guard, unranged = self._limits(obs)
         self.last_limits_c = limits
+        self.last_min_limit_c = min_limit
+        self.last_cool_max_c = None
+        temps = list(map(_temp_of, obs.cpus.values()))
+        prev, self._prev_temps = self._prev_temps, None
+        if temps and not self._caps_khz and None not in temps and prev is not None and prev[0] == list(obs.cpus):
+            # The usual epoch: no shield cap of its own, and even the hottest CPU, were it
+            # to rise again by as much as any CPU just did (the look-ahead's largest
+            # step), stays below the lowest guard band. Then no CPU is hot or critical and
+            # there is nothing to do but what the full pass would also do: remember the
+            # temperatures and the policy's caps. max() gives either NaN or the largest
+            # of the other values; a NaN reading or rise never makes a CPU hot, and a NaN
+            # maximum fails the test.
+            hottest = max(temps)
+            rise = max(map(sub, temps, prev[1]))
+            if rise == rise and hottest + max(0.0, rise) < min_guard:
+                keys = prev[0]
+                self._last.update(zip(keys, zip(repeat(obs.time_s), temps)))
+                caps = decision.action.freq_cap_khz
+                if not unranged and caps.keys() <= obs.cpus.keys() and None not in caps.values():
+                    self._policy_caps.update(caps)
+                else:
+                    self._policy_caps.update(
+                        (c, v) for c, v in caps.items() if c in obs.cpus and c not in unranged and v is not None)
+                self._prev_temps = (keys, temps)
+                self.last_cool_max_c = hottest
+                return decision, ()
+        result = self._filter_all(obs, decision, limits)
+        if temps and None not in temps:
+            self._prev_temps = (list(obs.cpus), temps)
+        return result
+
+    def _filter_all(self, obs: Observation, decision: Decision,
+                    limits: dict[int, tuple[float, float]]) -> tuple[Decision, tuple[Reason, ...]]:
+        """Every CPU's step of :meth:`filter`, whether or not any is near a limit."""
+        cfg = self.config
         caps = dict(decision.action.freq_cap_khz)
         affinity = dict(decision.action.affinity)
         reasons: list[Reason] = []
@@ -184,7 +260,7 @@ class SafetyShield:
             elif asked is None and st.cap_khz != policy_cap:
                 caps[cpu] = policy_cap  # the policy's own cap is the lower one again
         reasons += self._keep_work_off(hot, obs, limits, affinity)
-        reasons += self._move_hottest_threads(obs, hot, limits, affinity)
+        reasons += self._move_hottest_threads(obs, hot, limits, affinity, caps)
         if not reasons:
             return decision, ()
         action = Action(affinity=affinity, freq_cap_khz=caps)
@@ -198,6 +274,7 @@ class SafetyShield:
         than now: a falling core is judged on where it is)."""
         last = self._last.get(cpu)
         self._last[cpu] = (time_s, temp_c)
+        self._prev_temps = None  # _last changed outside filter()
         if last is None or time_s <= last[0]:
             return temp_c
         return temp_c + max(0.0, temp_c - last[1])
@@ -265,7 +342,13 @@ class SafetyShield:
         hot: list[int],
         limits: dict[int, tuple[float, float]],
         affinity: dict[ThreadRef, frozenset[int]],
+        caps: dict[int, int],
     ) -> list[Reason]:
+        """Each hot CPU's busiest thread goes to the coolest CPU (idle ones first), and
+        takes no faster clock there than it had: a cool idle CPU usually carries a high
+        cap (nothing runs there), and the thread that just heated one core would heat the
+        next within the epoch at full speed. The policy decides the target's cap again
+        next epoch."""
         if not hot or not obs.threads:
             return []
         margin = self.config.margin_c
@@ -292,13 +375,20 @@ class SafetyShield:
                 break
             used.add(target)
             affinity[hottest.ref] = frozenset({target})
+            src, dst = obs.cpus[cpu], obs.cpus[target]
+            had_khz = src.cap_khz or src.hw_max_khz
+            target_khz = caps.get(target, dst.cap_khz or dst.hw_max_khz)
+            if had_khz is not None and target_khz is not None and target_khz > had_khz:
+                caps[target] = had_khz
             t = obs.cpus[cpu].temp.temp_c
             reasons.append(
                 Reason(
                     f"thread {hottest.ref.tid}",
                     "placement",
                     "shield",
-                    f"busiest thread on hot cpu {cpu} moved to the coolest cpu {target}",
+                    f"busiest thread on hot cpu {cpu} moved to the coolest cpu {target}"
+                    + (f", capped there at the {had_khz // 1000} MHz it ran under" if caps.get(target) == had_khz
+                       and had_khz is not None else ""),
                     None,
                     t,
                     limits[cpu][0] - margin,

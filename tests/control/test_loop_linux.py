@@ -225,3 +225,30 @@ def test_shield_spreads_displaced_threads_instead_of_piling_them_on_one_cpu() ->
     got = [decision.action.affinity[threads[100 + i].ref] for i in range(3)]
     assert all(len(g) == 1 and not g & {0, 1, 2, 3} for g in got)
     assert len(set().union(*got)) == 3, got  # three different cool CPUs, not one
+
+
+def test_a_thread_the_shield_moves_takes_no_faster_clock_than_it_had() -> None:
+    from ailfmd.platform.base import CpuState, CpuTemp, TempSensor, ThreadRef, ThreadSample, Topology as Topo
+    from ailfmd.platform.base import CpuTopology
+
+    n = 4
+    caps = {0: 1_800_000, 1: 3_000_000, 2: 3_000_000, 3: 3_000_000}
+    cpus = {}
+    for c in range(n):
+        temp = 83.0 if c == 0 else 50.0 + c  # cpu 0 in the guard band, cpu 1 coolest and idle
+        cpus[c] = CpuState(c, CpuTemp(c, temp, TempSensor("t", "t", f"c{c}", f"c{c}", "core", ""), "test"),
+                           1_800_000, caps[c], 1_000_000, 3_000_000)
+    busy = ThreadSample(ThreadRef(1, 100, 1), "w", 0, frozenset({0}), {"instructions": 1e9})
+    obs = Observation(time_s=1.0, cpus=cpus, threads={100: busy})
+    topo = Topo(cpus={c: CpuTopology(c, 0, c, c) for c in range(n)})
+    shield = SafetyShield(ShieldConfig(limit_c=85.0, margin_c=3.0, critical_c=95.0), topo)
+    decision, reasons = shield.filter(obs, Decision(Action()))
+    assert decision.action.affinity[busy.ref] == frozenset({1})
+    # The idle CPU's 3 GHz cap would let the thread that heated cpu 0 run faster there.
+    assert decision.action.freq_cap_khz[1] == 1_800_000
+    assert any("capped there at the 1800 MHz it ran under" in r.detail for r in reasons)
+    # A target already capped lower keeps its cap.
+    cpus[1] = CpuState(1, cpus[1].temp, 1_000_000, 1_200_000, 1_000_000, 3_000_000)
+    shield = SafetyShield(ShieldConfig(limit_c=85.0, margin_c=3.0, critical_c=95.0), topo)
+    decision, _ = shield.filter(Observation(time_s=1.0, cpus=cpus, threads={100: busy}), Decision(Action()))
+    assert decision.action.freq_cap_khz.get(1, 1_200_000) == 1_200_000
