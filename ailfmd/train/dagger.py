@@ -51,7 +51,7 @@ class TrainConfigError(AilfmError):
 class TrainConfig:
     chips: tuple[str, ...] = ("3d-64",)
     workloads: tuple[str, ...] = ("prefill-heavy", "decode-heavy", "bursty", "long-context", "mixed")
-    episodes_per_workload: int = 3  # per chip and round, each a new arrival seed
+    episodes_per_workload: int = 6  # per chip and round, each a new arrival seed
     duration_s: float = 12.0
     rounds: int = 4  # DAgger rounds after behaviour cloning
     beta_decay: float = 0.5
