@@ -23,6 +23,7 @@ from ailfmd.policy.base import Decision, Policy, Reason
 log = logging.getLogger("ailfmd.loop")
 
 Sink = Callable[[TickRecord], None]
+_INT_ONLY = frozenset({int})  # the value types of a cap mapping that needs no per-cap check
 SHIELD_SUMMARY_S = 60.0  # how often a still-acting shield is summarised in the journal
 
 
@@ -37,6 +38,10 @@ def validate_decision(decision: object, obs: Observation) -> Decision:
     caps = decision.action.freq_cap_khz
     online = obs.cpus
     clean_caps: dict[int, int] = {}
+    if caps and caps.keys() <= online.keys() and set(map(type, caps.values())) == _INT_ONLY and min(caps.values()) > 0:
+        # The usual case (positive ints for online CPUs), checked in C for all at once.
+        clean_caps = dict(caps)
+        caps = {}
     for cpu, cap in caps.items():
         if type(cap) is int and cap > 0 and cpu in online:
             clean_caps[cpu] = cap  # the usual case, checked at once
@@ -161,11 +166,18 @@ class ControlLoop:
                 if not o.ok:
                     log.warning("could not apply %s = %s: %s", o.target, o.requested, o.detail)
         t4 = self.perf_clock()
-        limits = self.shield.last_limits_c  # computed by filter() for this observation
-        limit = min((lim for lim, _ in limits.values()), default=self.shield.config.limit_c)
-        violations = tuple(
-            c for c, s in obs.cpus.items() if s.temp.temp_c is not None and s.temp.temp_c >= limits[c][0]
-        )
+        # Computed by filter() for this observation.
+        shield = self.shield
+        limits = shield.last_limits_c
+        limit = shield.last_min_limit_c
+        if limit is None:
+            limit = min((lim for lim, _ in limits.values()), default=shield.config.limit_c)
+        if shield.last_cool_max_c is not None and shield.last_cool_max_c < limit:
+            violations: tuple[int, ...] = ()  # even the hottest CPU is below every limit
+        else:
+            violations = tuple(
+                c for c, s in obs.cpus.items() if s.temp.temp_c is not None and s.temp.temp_c >= limits[c][0]
+            )
         rec = TickRecord(
             epoch=self.epoch,
             time_s=obs.time_s,

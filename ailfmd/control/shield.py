@@ -68,12 +68,12 @@ class SafetyShield:
     # The hottest CPU temperature of the last filter() call when every CPU had a reading
     # and it was below every guard band, else None (then nothing is known about it).
     last_cool_max_c: float | None = None
-    # (inputs, limits, lowest limit, lowest guard band, CPUs without a frequency range)
-    # of the last limits computed; see _limits().
-    _limits_cache: tuple[object, dict[int, tuple[float, float]], float, float, frozenset[int]] | None = None
-    # (CPUs in order, their temperatures) of the last filter() call when every CPU had a
-    # reading, all of them now in _last; None otherwise.
-    _prev_temps: tuple[list[int], list[float]] | None = None
+    # (records, inputs, limits, lowest limit, lowest guard band, CPUs without a frequency
+    # range) of the last limits computed; see _limits().
+    _limits_cache: tuple[object, object, dict[int, tuple[float, float]], float, float, frozenset[int]] | None = None
+    # (CPUs, their states, their temperatures), all in obs.cpus order, of the last
+    # filter() call when every CPU had a reading, all of them now in _last; else None.
+    _prev_temps: tuple[list[int], list[CpuState], list[float]] | None = None
 
     def reset(self, topology: Topology) -> None:
         self.topology = topology
@@ -116,37 +116,51 @@ class SafetyShield:
             out[cpu] = pair
         return out
 
-    def _limits(self, obs: Observation) -> tuple[dict[int, tuple[float, float]], float, float, frozenset[int]]:
+    def _limits(
+        self, obs: Observation, keys: list[int], states: list[CpuState]
+    ) -> tuple[dict[int, tuple[float, float]], float, float, frozenset[int]]:
         """:meth:`limits_c` with the lowest limit and guard band, and the CPUs without a
-        frequency range; kept with their inputs (compared by value, in C) and recomputed
-        only when those differ: sensors' thresholds and CPUs' sensors rarely change."""
+        frequency range, for ``obs`` (whose CPUs and states are ``keys`` and ``states``).
+
+        Kept with their inputs and recomputed only when those differ: sensors' thresholds
+        and CPUs' sensors rarely change. The inputs are compared in C: first the records
+        themselves (the same objects as last time compare equal at once), then, when the
+        readings moved, just the parts the limits are made of.
+        """
         cfg = self.config
-        cpus = obs.cpus
+        quick = (cfg, keys, states, obs.sensors)
+        cached = self._limits_cache
+        if cached is not None and cached[0] == quick:
+            return cached[2], cached[3], cached[4], cached[5]
         key = (
             cfg,
-            list(cpus),
-            list(map(_cpu_inputs, cpus.values())),
+            keys,
+            list(map(_cpu_inputs, states)),
             list(map(_sensor_inputs, obs.sensors)) if cfg.follow_sensor_limits else None,
         )
-        cached = self._limits_cache
-        if cached is not None and cached[0] == key:
-            return cached[1], cached[2], cached[3], cached[4]
+        if cached is not None and cached[1] == key:
+            self._limits_cache = (quick, *cached[1:])
+            return cached[2], cached[3], cached[4], cached[5]
         limits = self.limits_c(obs)
         min_limit = min((lim for lim, _ in limits.values()), default=cfg.limit_c)
         min_guard = min((lim - cfg.margin_c for lim, _ in limits.values()), default=cfg.limit_c - cfg.margin_c)
-        unranged = frozenset(c for c, st in cpus.items() if st.hw_min_khz is None or st.hw_max_khz is None)
-        self._limits_cache = (key, limits, min_limit, min_guard, unranged)
+        unranged = frozenset(c for c, st in obs.cpus.items() if st.hw_min_khz is None or st.hw_max_khz is None)
+        self._limits_cache = (quick, key, limits, min_limit, min_guard, unranged)
         return limits, min_limit, min_guard, unranged
 
     def filter(self, obs: Observation, decision: Decision) -> tuple[Decision, tuple[Reason, ...]]:
         """The decision to apply and the shield's own reasons (empty when it did nothing)."""
-        limits, min_limit, min_guard, unranged = self._limits(obs)
+        keys, states = list(obs.cpus), list(obs.cpus.values())
+        limits, min_limit, min_guard, unranged = self._limits(obs, keys, states)
         self.last_limits_c = limits
         self.last_min_limit_c = min_limit
         self.last_cool_max_c = None
-        temps = list(map(_temp_of, obs.cpus.values()))
         prev, self._prev_temps = self._prev_temps, None
-        if temps and not self._caps_khz and None not in temps and prev is not None and prev[0] == list(obs.cpus):
+        if prev is not None and prev[1] == states and prev[0] == keys:
+            temps = prev[2]  # the same CPU states: the same temperatures
+        else:
+            temps = list(map(_temp_of, states))
+        if temps and not self._caps_khz and None not in temps and prev is not None and prev[0] == keys:
             # The usual epoch: no shield cap of its own, and even the hottest CPU, were it
             # to rise again by as much as any CPU just did (the look-ahead's largest
             # step), stays below the lowest guard band. Then no CPU is hot or critical and
@@ -155,9 +169,8 @@ class SafetyShield:
             # of the other values; a NaN reading or rise never makes a CPU hot, and a NaN
             # maximum fails the test.
             hottest = max(temps)
-            rise = max(map(sub, temps, prev[1]))
+            rise = max(map(sub, temps, prev[2]))
             if rise == rise and hottest + max(0.0, rise) < min_guard:
-                keys = prev[0]
                 self._last.update(zip(keys, zip(repeat(obs.time_s), temps)))
                 caps = decision.action.freq_cap_khz
                 if not unranged and caps.keys() <= obs.cpus.keys() and None not in caps.values():
@@ -165,12 +178,12 @@ class SafetyShield:
                 else:
                     self._policy_caps.update(
                         (c, v) for c, v in caps.items() if c in obs.cpus and c not in unranged and v is not None)
-                self._prev_temps = (keys, temps)
+                self._prev_temps = (keys, states, temps)
                 self.last_cool_max_c = hottest
                 return decision, ()
         result = self._filter_all(obs, decision, limits)
         if temps and None not in temps:
-            self._prev_temps = (list(obs.cpus), temps)
+            self._prev_temps = (keys, states, temps)
         return result
 
     def _filter_all(self, obs: Observation, decision: Decision,
