@@ -362,6 +362,21 @@ def test_every_new_baseline_is_deterministic_and_copes_with_missing_data(name, t
 # --------------------------------------------------------------------------- stepwise
 
 
+def test_stepwise_clamps_its_cooling_state_when_the_table_gets_shorter():
+    from dataclasses import replace
+
+    p = get_baseline("stepwise")
+    p.reset(topology(load_chip("tiny")), caps())
+    for i, temp in enumerate((78.0, 79.0, 80.0, 81.0)):  # above trip, rising from the 2nd: 3 deep
+        d = p.decide(obs({0: temp}, t=0.1 * i, max_c=80.0))
+    assert steps_below_max(d.action.freq_cap_khz[0]) == 3
+    # The driver now offers only the top two frequencies (a new limit, a reload).
+    short = obs({0: 82.0}, t=0.5, max_c=80.0)
+    short = replace(short, policies=(replace(short.policies[0], available_khz=LADDER_KHZ[-2:]),))
+    d = p.decide(short)  # rising again: as deep as the short table goes
+    assert d.action.freq_cap_khz[0] == LADDER_KHZ[-2]
+
+
 def test_stepwise_follows_the_kernel_step_wise_law():
     """drivers/thermal/gov_step_wise.c: above trip and rising -> one more step; above trip
     and falling -> one step less but never none; below trip and falling -> one step less;

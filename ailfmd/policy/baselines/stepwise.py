@@ -126,7 +126,9 @@ class StepwiseBaseline:
             last = last_c.get(cpu, t)
             last_c[cpu] = t
             rising, dropping = t > last, t < last
-            cur = state.get(cpu, 0)
+            # A table that got shorter (a driver reload, a new cpufreq limit) cannot hold a
+            # deeper cooling state: it is clamped to the deepest step, as the kernel does.
+            cur = min(state.get(cpu, 0), top)
             new = cur
             if t >= trip:
                 if rising:
