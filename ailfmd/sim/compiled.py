@@ -55,6 +55,34 @@ def _jit(fn: Callable) -> Callable:
     return numba.njit(cache=False)(fn)
 
 
+# ---------------------------------------------------------------------- modal products
+# The two products of every exact thermal step, written out so numba fuses them with the
+# loop around them; the summation order is fixed (and the same in every kernel).
+
+@_jit
+def _heat_input(modal_input_t: np.ndarray, power_w: np.ndarray, out: np.ndarray) -> None:
+    """``out = power_w @ modal_input_t``: the modes' heat input."""
+    m, n = out.shape[0], power_w.shape[0]
+    for k in range(m):
+        out[k] = 0.0
+    for i in range(n):
+        p = power_w[i]
+        for k in range(m):
+            out[k] += modal_input_t[i, k] * p
+
+
+@_jit
+def _readout(readout_t: np.ndarray, modes: np.ndarray, out: np.ndarray) -> None:
+    """``out = modes @ readout_t``: the cores' temperature rises from the modes."""
+    m, n = modes.shape[0], out.shape[0]
+    for i in range(n):
+        out[i] = 0.0
+    for k in range(m):
+        zk = modes[k]
+        for i in range(n):
+            out[i] += readout_t[k, i] * zk
+
+
 # ---------------------------------------------------------------------- DTM sub-steps
 
 @_jit
@@ -108,20 +136,10 @@ def substep_tick(modes: np.ndarray, throttled: np.ndarray, temps_c: np.ndarray,
                 for k in range(m):
                     q[k] += modal_input_t[i, k] * dp
         if j == 0:
-            for k in range(m):
-                q[k] = 0.0
-            for i in range(n):
-                p = power[i]
-                for k in range(m):
-                    q[k] += modal_input_t[i, k] * p
+            _heat_input(modal_input_t, power, q)
         for k in range(m):
             z[k] = z[k] * decay[k] + q[k]
-        for i in range(n):
-            rises[j, i] = 0.0
-        for k in range(m):
-            zk = z[k]
-            for i in range(n):
-                rises[j, i] += readout_t[k, i] * zk
+        _readout(readout_t, z, rises[j])
         for i in range(n):
             r = rises[j, i]
             states[j + 1, i] = r >= rel_rise if states[j, i] else r >= thr_rise
@@ -594,20 +612,10 @@ def whole_step(modes: np.ndarray, power_w: np.ndarray, decay: np.ndarray,
     relays and throttle counts are written only when no sub-steps are needed.
     """
     m, n = decay.shape[0], power_w.shape[0]
-    for k in range(m):
-        modes_out[k] = 0.0
-    for i in range(n):
-        p = power_w[i]
-        for k in range(m):
-            modes_out[k] += modal_input_t[i, k] * p
+    _heat_input(modal_input_t, power_w, modes_out)
     for k in range(m):
         modes_out[k] = decay[k] * modes[k] + modes_out[k]
-    for i in range(n):
-        temps_out[i] = 0.0
-    for k in range(m):
-        zk = modes_out[k]
-        for i in range(n):
-            temps_out[i] += readout_t[k, i] * zk
+    _readout(readout_t, modes_out, temps_out)
     for i in range(n):
         temps_out[i] += ambient_c
     if check:
