@@ -94,30 +94,28 @@ def test_a_corrupt_file_is_refused_with_its_name(quick_training, tmp_path: Path,
     assert str(bad) in str(e.value)
 
 
+def _card_changed(trained: Path, dst: Path, updates: dict) -> Path:
+    """The trained policy with ``updates`` merged into its metadata, written 0644 at ``dst``."""
+    dst.write_bytes(set_metadata((trained / "policy.onnx").read_bytes(), updates))
+    os.chmod(dst, 0o644)
+    return dst
+
+
 def test_another_feature_schema_is_refused(quick_training, tmp_path: Path) -> None:
-    out, _ = quick_training
-    other = tmp_path / "old.onnx"
-    other.write_bytes(set_metadata((out / "policy.onnx").read_bytes(), {"feature_schema": "ailfmd.features/0"}))
-    os.chmod(other, 0o644)
+    other = _card_changed(quick_training[0], tmp_path / "old.onnx", {"feature_schema": "ailfmd.features/0"})
     with pytest.raises(PolicyFileError, match=r"feature schema 'ailfmd.features/0'.*ailfmd.features/1"):
         OnnxPolicy(other, service=False)
 
 
 @pytest.mark.parametrize("threshold", [1.5, -0.1, "high"])
 def test_a_move_threshold_that_is_no_probability_is_refused(quick_training, tmp_path: Path, threshold) -> None:
-    out, _ = quick_training
-    bad = tmp_path / "bad-threshold.onnx"
-    bad.write_bytes(set_metadata((out / "policy.onnx").read_bytes(), {"decoding": {"move_threshold": threshold}}))
-    os.chmod(bad, 0o644)
+    bad = _card_changed(quick_training[0], tmp_path / "bad-threshold.onnx", {"decoding": {"move_threshold": threshold}})
     with pytest.raises(PolicyFileError, match=f"move threshold {threshold!r}"):
         OnnxPolicy(bad, service=False)
 
 
 def test_an_older_policy_format_is_refused(quick_training, tmp_path: Path) -> None:
-    out, _ = quick_training
-    old = tmp_path / "format1.onnx"
-    old.write_bytes(set_metadata((out / "policy.onnx").read_bytes(), {"format": "ailfmd.policy/1"}))
-    os.chmod(old, 0o644)
+    old = _card_changed(quick_training[0], tmp_path / "format1.onnx", {"format": "ailfmd.policy/1"})
     with pytest.raises(PolicyFileError, match=r"policy format 'ailfmd.policy/1'; this ailfmd reads 'ailfmd.policy/2'"):
         OnnxPolicy(old, service=False)
 
