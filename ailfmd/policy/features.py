@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from itertools import chain
-from operator import itemgetter
+from itertools import chain, repeat
+from operator import attrgetter, itemgetter
 from typing import Callable, Mapping
 import numpy as np
 
@@ -50,6 +50,7 @@ DIST_SAME, DIST_SMT, DIST_L2, DIST_L3, DIST_FAR = 0.0, 0.25, 0.5, 0.75, 1.0
 _COUNTERS = ("instructions", "cycles", "llc_references", "llc_misses",
              "stalled_cycles_backend", "run_ns", "wait_ns", "page_faults", "cpu_migrations")
 _NO_CPU = (None, None, None, None)
+_SAMPLE_PARTS = attrgetter("counters", "last_cpu", "ref", "affinity")
 _MAX_IPC, _MAX_PKI = 8.0, 1000.0  # clip absurd ratios from scaled perf counts
 
 
@@ -120,14 +121,20 @@ def infer_kernel_class(ipc: np.ndarray, mpki: np.ndarray, apki: np.ndarray | Non
                        utilisation: np.ndarray | None = None) -> np.ndarray:
     """:func:`kernel_class_rule` over arrays (NaN = not measured); int64, -1 = unknown."""
     ipc = np.asarray(ipc, dtype=float)
-    k = _RULE_TABLE[np.searchsorted(_IPC_EDGES, ipc, "right"),
-                    np.searchsorted(_MPKI_EDGES, np.asarray(mpki, dtype=float), "right"),
-                    np.searchsorted(_APKI_EDGES, np.asarray(apki, dtype=float), "right")
-                    if apki is not None else len(_APKI_EDGES)]
+    apki_bin = (_APKI_EDGES.searchsorted(np.asarray(apki, dtype=float), "right") if apki is not None
+                else len(_APKI_EDGES))
+    return _kernel_class(ipc, np.asarray(mpki, dtype=float), apki_bin,
+                         None if utilisation is None else np.asarray(utilisation, dtype=float))
+
+
+def _kernel_class(ipc: np.ndarray, mpki: np.ndarray, apki_bin: np.ndarray | int,
+                  utilisation: np.ndarray | None) -> np.ndarray:
+    """:func:`infer_kernel_class` of float64 arrays (``apki`` already binned)."""
+    k = _RULE_TABLE[_IPC_EDGES.searchsorted(ipc, "right"), _MPKI_EDGES.searchsorted(mpki, "right"), apki_bin]
     idle = ipc == 0.0
     if utilisation is not None:
-        with np.errstate(invalid="ignore"):
-            idle |= np.asarray(utilisation, dtype=float) < fsch.IDLE_UTILISATION_BELOW
+        with np.errstate(invalid="ignore"):  # NaN (not measured) is not idle
+            idle |= utilisation < fsch.IDLE_UTILISATION_BELOW
     k[idle] = Kernel.IDLE
     return k
 
@@ -148,6 +155,9 @@ class FeatureSet:
     schema: str = FEATURE_SCHEMA
     _affinities: tuple[frozenset[int], ...] = field(default=(), repr=False)
     _extractor: "FeatureExtractor | None" = field(default=None, repr=False)
+    # Each CPU's cap in effect in kHz (NaN: unknown or not in the observation), to tell
+    # which caps a decision changes.
+    cap_khz: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
 
     core_columns = CORE_COLUMNS
     thread_columns = THREAD_COLUMNS
@@ -163,6 +173,18 @@ class FeatureSet:
         assert self._extractor is not None
         affinities = self._affinities if rows is None else tuple(a for a, r in zip(self._affinities, rows) if r)
         return self._extractor.affinity_matrix(affinities)
+
+    @property
+    def cpu_index(self) -> Mapping[int, int]:
+        """CPU id -> its row."""
+        assert self._extractor is not None
+        return self._extractor.index
+
+    def pinned_rows(self) -> np.ndarray:
+        """intp per thread: the row of the one CPU its affinity allows, -1 when it allows
+        several (or an offline one)."""
+        assert self._extractor is not None
+        return self._extractor.pinned_rows(self._affinities)
 
     def pair_matrix(self) -> np.ndarray:
         """float32 ``[n_threads * n_cpus, len(PAIR_COLUMNS)]``: thread, core, pair columns."""
@@ -196,14 +218,17 @@ def build_pair_matrix(thread: np.ndarray, core: np.ndarray, last_cpu_index: np.n
 
 
 def build_pair_own(thread: np.ndarray, core: np.ndarray, last_cpu_index: np.ndarray,
-                   allowed: np.ndarray, distance_padded: np.ndarray) -> np.ndarray:
+                   allowed: np.ndarray, distance_padded: np.ndarray,
+                   out: np.ndarray | None = None) -> np.ndarray:
     """float32 ``[n_threads * n_cpus, len(PAIR_OWN_COLUMNS)]``: only the pair's own columns.
 
     A model whose first layer is linear can score pairs from these plus the thread and
     core rows without ever building the full pair matrix (the ONNX policy does).
+    ``out`` (``[n_threads, n_cpus, len(PAIR_OWN_COLUMNS)]``, e.g. the first columns of a
+    wider array): write there instead; every element is written.
     """
     m, n = thread.shape[0], core.shape[0]
-    own = np.empty((m, n, len(PAIR_OWN_COLUMNS)), dtype=np.float32)
+    own = np.empty((m, n, len(PAIR_OWN_COLUMNS)), dtype=np.float32) if out is None else out
     idx = last_cpu_index
     known = idx >= 0
     own[:, :, _P["on_core"]] = idx[:, None] == np.arange(n)[None, :]
@@ -213,7 +238,7 @@ def build_pair_own(thread: np.ndarray, core: np.ndarray, last_cpu_index: np.ndar
     mem = thread[:, _T["mem_bound"], None]
     np.multiply(mem, core[None, :, _C["llc_latency_rel"]], out=own[:, :, _P["mem_x_latency"]])
     np.multiply(1.0 - mem, core[None, :, _C["cap"]], out=own[:, :, _P["compute_x_cap"]])
-    return own.reshape(m * n, len(PAIR_OWN_COLUMNS))
+    return own.reshape(m * n, len(PAIR_OWN_COLUMNS)) if out is None else own
 
 
 def _as_slice(cols: list[int]) -> slice | np.ndarray:
@@ -291,6 +316,7 @@ class FeatureExtractor:
         self._have_template[:, 3:5] = self.has_positions
         self._last: tuple[Observation, np.ndarray] | None = None
         self._aff_rows: dict[frozenset[int], np.ndarray] = {}
+        self._pin_rows: dict[frozenset[int], int] = {}
         self._getters: dict[tuple[str, ...], tuple[np.ndarray, Callable]] = {}
 
     # ------------------------------------------------------------------ extraction
@@ -314,18 +340,18 @@ class FeatureExtractor:
 
         threads = obs.threads
         tids = tuple(sorted(threads))
-        samples = [threads[t] for t in tids]
-        raw = self._counters([s.counters for s in samples])
-        get_index = self.index.get
-        last_idx = np.array([get_index(s.last_cpu, -1) for s in samples], dtype=np.intp)
+        # One pass over the samples, transposed (attrgetter builds each row in C).
+        counters, last_cpus, refs, affinities = (
+            zip(*map(_SAMPLE_PARTS, map(threads.__getitem__, tids))) if tids else ((), (), (), ()))
+        raw = self._counters(counters)
+        last_idx = np.fromiter(map(self.index.get, last_cpus, repeat(-1)), dtype=np.intp, count=len(tids))
 
         thread, kernel = self._thread_features(raw, epoch_s)
         core = self._core_features(cpu_raw, prev_temps, dt_s, thread, last_idx, epoch_s)
         return FeatureSet(
-            cpus=self.cpus, tids=tids, refs=tuple(s.ref for s in samples),
+            cpus=self.cpus, tids=tids, refs=refs,
             core_features=core, thread_features=thread, kernel_class=kernel, epoch_s=epoch_s,
-            last_cpu_index=last_idx, _affinities=tuple(s.affinity for s in samples),
-            _extractor=self)
+            last_cpu_index=last_idx, _affinities=affinities, _extractor=self, cap_khz=cpu_raw[:, 2])
 
     def _cpu_raw(self, obs: Observation) -> np.ndarray:
         """[n, 4]: temp_c, freq_khz, cap_khz, hw_max_khz; NaN where unknown."""
@@ -334,7 +360,7 @@ class FeatureExtractor:
                 for v in ((s.temp.temp_c, s.freq_khz, s.cap_khz, s.hw_max_khz) if s is not None else _NO_CPU)]
         return np.array(flat, dtype=float).reshape(self.n_cpus, 4)
 
-    def _counters(self, dicts: list[Mapping[str, float]]) -> np.ndarray:
+    def _counters(self, dicts: tuple[Mapping[str, float], ...]) -> np.ndarray:
         """[m, len(_COUNTERS)] counter deltas, NaN where a thread's sample lacks one."""
         m = len(dicts)
         raw = np.full((m, len(_COUNTERS)), np.nan)
@@ -409,20 +435,34 @@ class FeatureExtractor:
         den[:, _RATIO_PER_EPOCH] = epoch_s * 1e9 if epoch_s is not None and epoch_s > 0 else np.nan
         # x / 0 is undefined (missing) unless x == 0 too: nothing happened, a measured 0.
         ratio = np.where(num == 0.0, 0.0, np.nan)
-        with np.errstate(invalid="ignore"):
+        with np.errstate(invalid="ignore"):  # older numpy warns on NaN comparisons too
             np.divide(num, den, out=ratio, where=den != 0.0)
-        ratio *= _RATIO_SCALE
-        np.minimum(ratio, _RATIO_UPPER, out=ratio)
+            ratio *= _RATIO_SCALE
+            np.minimum(ratio, _RATIO_UPPER, out=ratio)
+            ipc = ratio[:, 0] * fsch.IPC_SCALE
+            mpki = ratio[:, 1] * fsch.MPKI_SCALE
+            kernel = _kernel_class(ipc, mpki, _APKI_EDGES.searchsorted(ratio[:, _N_OUT], "right"), ratio[:, 3])
         have = ~np.isnan(ratio)
         out = np.zeros((m, len(THREAD_COLUMNS)), dtype=np.float32)
         out[:, _THREAD_VAL] = np.where(have[:, :_N_OUT], ratio[:, :_N_OUT], _THREAD_DEF)
         out[:, _THREAD_MASK] = ~have[:, :_N_OUT]
-        ipc = ratio[:, 0] * fsch.IPC_SCALE
-        mpki = ratio[:, 1] * fsch.MPKI_SCALE
-        kernel = infer_kernel_class(ipc, mpki, ratio[:, _N_OUT], ratio[:, 3])
         out[:, _KERNEL_COLS] = kernel[:, None] == _KERNEL_VALUES
         out[:, _T["kernel_class_missing"]] = kernel < 0
         return out, kernel
+
+    def pinned_rows(self, affinities: tuple[frozenset[int], ...]) -> np.ndarray:
+        """intp per affinity: the row of its only CPU, -1 for several CPUs or an offline
+        one; cached per distinct CPU set (a set hashes once, then lookups are cheap)."""
+        cache = self._pin_rows
+        try:
+            return np.fromiter(map(cache.__getitem__, affinities), dtype=np.intp, count=len(affinities))
+        except KeyError:
+            if len(cache) > 1024:
+                cache.clear()
+            for aff in affinities:
+                if aff not in cache:
+                    cache[aff] = self.index.get(next(iter(aff)), -1) if len(aff) == 1 else -1
+            return np.fromiter(map(cache.__getitem__, affinities), dtype=np.intp, count=len(affinities))
 
     def affinity_matrix(self, affinities: tuple[frozenset[int], ...]) -> np.ndarray:
         """bool ``[len(affinities), n_cpus]``; rows cached per distinct CPU set."""

@@ -26,19 +26,24 @@ A policy model has three heads, stored together in one ONNX graph:
   columns, :func:`dest_own`) — and adds their products: the pair matrix is never built,
   and only the few moving threads are scored (:func:`place`).
 
-Everything is numpy and cheap: a 64-CPU, 64-thread decision decodes in tens of µs.
+Inputs are built with a few dozen numpy operations per decision; placement rounds run
+in plain Python over preference lists (cheaper than numpy calls on rows of 64). The
+decisions of the shipped policy on seeded states are pinned by
+``tests/policy/test_shipped_decisions.py``: a faster path must decide bit for bit the same.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from bisect import bisect_left, bisect_right
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import numpy as np
 
 from ailfmd.platform.base import Observation
 from ailfmd.policy.baselines.common import ladders_khz
+from ailfmd.policy.features import build_pair_own
 from ailfmd.policy.feature_schema import (
     CORE_COLUMNS,
     PAIR_COLUMNS,
@@ -95,48 +100,67 @@ _CI = {n: i for i, n in enumerate(CORE_COLUMNS)}
 _TI = {n: i for i, n in enumerate(THREAD_COLUMNS)}
 
 
-def cap_inputs(core: np.ndarray, thread: np.ndarray) -> np.ndarray:
-    """float32 ``[n_cpus, len(CAP_COLUMNS)]``: each CPU's row plus the chip context."""
+class Dies(NamedTuple):
+    """Which CPUs share a die: CPUs at the same distance from the sink (``die_groups``)."""
+
+    masks: np.ndarray  # bool [n_dies, n_cpus]
+    inverse: np.ndarray  # each CPU's die (row of ``masks``)
+
+
+def die_groups(core: np.ndarray) -> Dies:
+    """The dies of ``core``'s CPUs. They follow from the topology alone (the sink distance
+    column), so a caller that decides on one machine computes them once."""
+    levels, inverse = np.unique(core[:, _CI["sink_distance"]], return_inverse=True)
+    return Dies(levels[:, None] == levels[inverse][None, :], inverse)
+
+
+def cap_inputs(core: np.ndarray, thread: np.ndarray, dies: Dies | None = None) -> np.ndarray:
+    """float32 ``[n_cpus, len(CAP_COLUMNS)]``: each CPU's row plus the chip context.
+    ``dies``: :func:`die_groups` of ``core``, when the caller keeps it."""
     n = core.shape[0]
     out = np.empty((n, len(CAP_COLUMNS)), dtype=np.float32)
     k = core.shape[1]
     out[:, :k] = core
-    ctx = out[:, k:]
     if n == 0:
         return out
+    # The context is the same on every row but ctx.group_temp_max: one row, broadcast.
+    ctx = np.zeros(len(CONTEXT_COLUMNS))
     has_t = core[:, _CI["temp_missing"]] < 0.5
     temp = core[:, _CI["temp"]]
-    t_known = temp[has_t]
-    ctx[:, 0] = t_known.max() if t_known.size else 0.0
-    ctx[:, 1] = t_known.mean() if t_known.size else 0.0
-    slope_known = core[core[:, _CI["temp_slope_missing"]] < 0.5, _CI["temp_slope"]]
-    ctx[:, 2] = slope_known.max() if slope_known.size else 0.0
-    # Hottest CPU of the same die: CPUs with equal sink distance share a layer.
-    t_or_floor = np.where(has_t, temp, -np.inf)
-    dist = core[:, _CI["sink_distance"]]
-    if dist.min() == dist.max():  # one die (or no die stack known): the chip's maximum
-        group = np.full(n, t_or_floor.max())
-    else:
-        levels, inverse = np.unique(dist, return_inverse=True)
-        top = np.full(len(levels), -np.inf)
-        np.maximum.at(top, inverse, t_or_floor)
-        group = top[inverse]
-    ctx[:, 3] = np.where(np.isfinite(group), group, 0.0)
+    t_known = temp if has_t.all() else temp[has_t]
+    if t_known.size:
+        ctx[0] = np.maximum.reduce(t_known)
+        ctx[1] = _mean_f32(t_known)
+    has_slope = core[:, _CI["temp_slope_missing"]] < 0.5
+    if has_slope.any():
+        ctx[2] = np.maximum.reduce(core[has_slope, _CI["temp_slope"]])
     m = thread.shape[0]
-    ctx[:, 4] = m / n
+    ctx[4] = m / n
     if m:
         # Means over the threads that measure each value (one pass for the three).
         known = thread[:, _MEAN_MASKS] < 0.5
         count = known.sum(axis=0)
         total = np.where(known, thread[:, _MEAN_VALUES], 0.0).sum(axis=0)
-        ctx[:, 5:8] = np.divide(total, count, out=np.zeros(3), where=count > 0)
-    else:
-        ctx[:, 5:8] = 0.0
+        np.divide(total, count, out=ctx[5:8], where=count > 0)
+    out[:, k:] = ctx
+    # Hottest CPU of the same die (no temperature on the die: 0).
+    dies = dies if dies is not None else die_groups(core)
+    top = np.where(dies.masks & has_t, temp, -np.inf).max(axis=1)
+    top[~np.isfinite(top)] = 0.0
+    out[:, k + 3] = top[dies.inverse]
     return out
+
+
+def _mean_f32(x: np.ndarray) -> np.float32:
+    """``x.mean()`` of a float32 vector, without its Python overhead: numpy sums in
+    float32 and divides in float64 by the count, then rounds to float32."""
+    return np.float32(float(np.add.reduce(x)) / x.size)
 
 
 _MEAN_VALUES = np.array([_TI[n] for n in ("utilisation", "mem_bound", "mpki")])
 _MEAN_MASKS = np.array([_TI[f"{n}_missing"] for n in ("utilisation", "mem_bound", "mpki")])
+# The here.* columns the relative columns compare, and the relative columns they give.
+_REL_FROM = np.array([_CI["temp"], _CI["temp"], _CI["sink_distance"], _CI["llc_latency_rel"]])
 
 
 def move_inputs(cap_x: np.ndarray, thread: np.ndarray, last_cpu_index: np.ndarray) -> np.ndarray:
@@ -153,28 +177,31 @@ def move_inputs(cap_x: np.ndarray, thread: np.ndarray, last_cpu_index: np.ndarra
     kt, kc = thread.shape[1], cap_x.shape[1]
     out[:, :kt] = thread
     known = last_cpu_index >= 0
-    here = np.where(known, last_cpu_index, 0)
-    out[:, kt:kt + kc] = cap_x[here]
-    counts = np.bincount(last_cpu_index[known], minlength=n)
+    all_known = known.all()
+    here = last_cpu_index if all_known else np.where(known, last_cpu_index, 0)
+    here_x = out[:, kt:kt + kc]
+    np.take(cap_x, here, axis=0, out=here_x)
+    counts = np.bincount(last_cpu_index if all_known else last_cpu_index[known], minlength=n)
     free = counts == 0
     has_t = cap_x[:, _CI["temp_missing"]] < 0.5
     temp = cap_x[:, _CI["temp"]]
-    sink = cap_x[:, _CI["sink_distance"]]
-    lat = cap_x[:, _CI["llc_latency_rel"]]
-    t_min = temp[has_t].min() if has_t.any() else np.nan
-    free_t = has_t & free
-    t_free_min = temp[free_t].min() if free_t.any() else np.nan
+    # The least each compared column has on the chip (NaN: no CPU with a temperature).
+    least = np.array([np.nan, np.nan, np.minimum.reduce(cap_x[:, _CI["sink_distance"]]),
+                      np.minimum.reduce(cap_x[:, _CI["llc_latency_rel"]])], dtype=np.float32)
+    if has_t.any():
+        least[0] = np.minimum.reduce(temp if has_t.all() else temp[has_t])
+        free_t = has_t & free
+        if free_t.any():
+            least[1] = np.minimum.reduce(temp[free_t])
     rel = out[:, kt + kc:]
-    t_here = np.where(has_t[here], temp[here], np.nan)
-    with np.errstate(invalid="ignore"):
-        rel[:, 0] = t_here - t_min
-        rel[:, 1] = t_here - t_free_min
-    rel[:, 2] = sink[here] - sink.min()
-    rel[:, 3] = lat[here] - lat.min()
+    compared = here_x[:, _REL_FROM]
+    compared[here_x[:, _CI["temp_missing"]] >= 0.5, :2] = np.nan  # its CPU has no temperature
+    np.subtract(compared, least, out=rel[:, :4])
     rel[:, 4] = free.sum() / n
     rel[:, 5] = counts[here] - 1.0
     rel[np.isnan(rel)] = 0.0
-    out[~known, kt:] = 0.0
+    if not all_known:
+        out[~known, kt:] = 0.0
     return out
 
 
@@ -201,45 +228,69 @@ def place(last_cpu_index: np.ndarray, move: np.ndarray, scores: np.ndarray) -> n
     their own, best scores first, CPUs no staying thread holds first.
 
     In rounds: every unplaced mover asks for its best free CPU, and each CPU asked for goes
-    to the mover that scores it highest. A mover with no free CPU left stays where it is;
-    a thread with no CPU of its own shares its best one.
+    to the mover that scores it highest (the first mover on equal scores). A mover with no
+    free CPU left stays where it is; a thread with no CPU of its own shares its best one.
     """
     choice = last_cpu_index.astype(np.intp, copy=True)
     movers = np.flatnonzero(move)
-    k = movers.size
-    if k == 0:
+    if not movers.size:
         return choice
     s = scores.astype(float, copy=True)
     own = last_cpu_index[movers]
     rows = np.flatnonzero(own >= 0)
     s[rows, own[rows]] = -np.inf
-    free = np.ones(s.shape[1], dtype=bool)
-    staying = (~move) & (last_cpu_index >= 0)
-    free[last_cpu_index[staying]] = False
-    left = np.arange(k)
-    while left.size:
-        masked = np.where(free, s[left], -np.inf)
-        want = masked.argmax(axis=1)
-        score = masked[np.arange(left.size), want]
-        stuck = ~np.isfinite(score)
-        if stuck.any():
-            for i in left[stuck].tolist():
-                if own[i] < 0:
-                    choice[movers[i]] = int(scores[i].argmax())
-                # else: it keeps its own CPU (choice already holds it)
-            left, want, score = left[~stuck], want[~stuck], score[~stuck]
-            if not left.size:
-                break
-        # Highest score first; np.unique keeps the first mover asking for each CPU.
-        order = np.argsort(-score, kind="stable")
-        cpus, first = np.unique(want[order], return_index=True)
-        winners = order[first]
-        choice[movers[left[winners]]] = cpus
-        free[cpus] = False
-        keep = np.ones(left.size, dtype=bool)
-        keep[winners] = False
-        left = left[keep]
+    taken = np.zeros(s.shape[1], dtype=bool)
+    taken[last_cpu_index[(~move) & (last_cpu_index >= 0)]] = True
+    # Each mover's CPUs best first; a stable sort puts the lowest CPU first among equal
+    # scores, as argmax would pick it.
+    prefs = np.argsort(-s, axis=1, kind="stable")
+    ranked = np.take_along_axis(s, prefs, axis=1)
+    placed = _place_rounds(prefs.tolist(), ranked.tolist(), taken.tolist())
+    for i, cpu in placed.items():
+        if cpu >= 0:
+            choice[movers[i]] = cpu
+        elif own[i] < 0:  # no CPU of its own: it shares its best one
+            choice[movers[i]] = int(scores[i].argmax())
+        # else: it keeps its own CPU (choice already holds it)
     return choice
+
+
+def _place_rounds(prefs: list[list[int]], ranked: list[list[float]], taken: list[bool]) -> dict[int, int]:
+    """:func:`place`'s rounds over preference lists: mover -> CPU, or -1 for a mover that
+    found no free CPU. Plain Python: each round is a few operations per mover, and numpy
+    spends more on calling than on computing for rows of 64."""
+    n = len(taken)
+    floor = -math.inf
+    position = [0] * len(prefs)
+    placed: dict[int, int] = {}
+    left = list(range(len(prefs)))
+    while left:
+        best_score: dict[int, float] = {}  # CPU -> the best score asking for it, and who
+        best_mover: dict[int, int] = {}
+        losers = []
+        for i in left:
+            p, pref = position[i], prefs[i]
+            while p < n and taken[pref[p]]:  # CPUs taken since are never free again
+                p += 1
+            position[i] = p
+            score = ranked[i][p] if p < n else floor
+            if score == floor:
+                placed[i] = -1
+                continue
+            cpu = pref[p]
+            if cpu not in best_score:
+                best_score[cpu], best_mover[cpu] = score, i
+            elif score > best_score[cpu]:  # movers ask in order: the first keeps a tie
+                losers.append(best_mover[cpu])
+                best_score[cpu], best_mover[cpu] = score, i
+            else:
+                losers.append(i)
+        for cpu, i in best_mover.items():
+            placed[i] = cpu
+            taken[cpu] = True
+        losers.sort()
+        left = losers
+    return placed
 
 
 def empty_pairs() -> np.ndarray:
@@ -247,11 +298,14 @@ def empty_pairs() -> np.ndarray:
     return np.zeros((0, len(DEST_OWN_COLUMNS)), dtype=np.float32)
 
 
-def dest_extra(core: np.ndarray, rows_last: np.ndarray, all_last: np.ndarray) -> np.ndarray:
+def dest_extra(core: np.ndarray, rows_last: np.ndarray, all_last: np.ndarray,
+               out: np.ndarray | None = None) -> np.ndarray:
     """float32 ``[k, n_cpus, len(DEST_EXTRA_COLUMNS)]`` for threads whose CPU row indices
-    are ``rows_last``; ``all_last`` (every managed thread's) tells which CPUs are taken."""
+    are ``rows_last``; ``all_last`` (every managed thread's) tells which CPUs are taken.
+    ``out``: write there instead (every element is written)."""
     k, n = rows_last.shape[0], core.shape[0]
-    out = np.zeros((k, n, len(DEST_EXTRA_COLUMNS)), dtype=np.float32)
+    if out is None:
+        out = np.empty((k, n, len(DEST_EXTRA_COLUMNS)), dtype=np.float32)
     if k == 0 or n == 0:
         return out
     known = rows_last >= 0
@@ -275,6 +329,19 @@ def dest_own(own: np.ndarray, core: np.ndarray, rows_last: np.ndarray, all_last:
     return np.concatenate([own, extra.reshape(-1, len(DEST_EXTRA_COLUMNS))], axis=1)
 
 
+def dest_inputs(thread: np.ndarray, core: np.ndarray, rows_last: np.ndarray, allowed: np.ndarray,
+                distance_padded: np.ndarray, all_last: np.ndarray) -> np.ndarray:
+    """:func:`dest_own` of ``build_pair_own(thread, core, rows_last, allowed, distance_padded)``
+    for the threads ``thread`` (rows) and ``rows_last`` (their CPU row indices), both parts
+    written into one array instead of joined."""
+    k, n = thread.shape[0], core.shape[0]
+    out = np.empty((k, n, len(DEST_OWN_COLUMNS)), dtype=np.float32)
+    width = len(PAIR_OWN_COLUMNS)
+    build_pair_own(thread, core, rows_last, allowed, distance_padded, out=out[:, :, :width])
+    dest_extra(core, rows_last, all_last, out=out[:, :, width:])
+    return out.reshape(k * n, len(DEST_OWN_COLUMNS))
+
+
 # What a CPU's ladder depends on (attrgetter: the key is built in C, not a Python loop).
 _LADDER_FIELDS = operator.attrgetter("cpus", "available_khz", "hw_min_khz", "hw_max_khz")
 _CPU_LIMITS = operator.attrgetter("hw_min_khz", "hw_max_khz")
@@ -291,7 +358,8 @@ class CapDecoder:
         self._key: tuple | None = None
         self._cpus_seen: tuple[int, ...] | None = None
         self._policies_seen: tuple = ()
-        self._groups: list[tuple[np.ndarray, np.ndarray]] = []  # (cpu row indices, ladder kHz)
+        self._groups: list[tuple[np.ndarray | None, np.ndarray]] = []  # (cpu row indices, ladder kHz)
+        self._all_laddered = True
         self._hw_max = np.zeros(0)
         self.ladders: dict[int, list[int]] = {}  # CPU -> its ladder, top down (of the last decode)
 
@@ -313,7 +381,10 @@ class CapDecoder:
             ladder = ladders.get(cpu)
             if ladder:
                 by_ladder.setdefault(tuple(sorted(ladder)), []).append(i)
-        self._groups = [(np.array(rows), np.array(ladder, dtype=float)) for ladder, rows in by_ladder.items()]
+        # rows None: the group is every CPU (the usual case: one table for the whole chip).
+        self._groups = [(None if len(rows) == len(cpus) else np.array(rows), np.array(ladder, dtype=float))
+                        for ladder, rows in by_ladder.items()]
+        self._all_laddered = sum(len(rows) for rows in by_ladder.values()) == len(cpus)
         self._hw_max = np.array([float(obs.cpus[c].hw_max_khz or 0) if c in obs.cpus else 0.0
                                  for c in cpus])
         self._cpu_ids = np.array(cpus, dtype=np.int64)
@@ -321,17 +392,32 @@ class CapDecoder:
 
     def decode(self, obs: Observation, cpus: tuple[int, ...], cap_frac: np.ndarray) -> dict[int, int]:
         """CPU -> cap in kHz; CPUs without a known ladder are left out (left alone)."""
+        return self.as_dict(cpus, self.decode_rows(obs, cpus, cap_frac))
+
+    def as_dict(self, cpus: tuple[int, ...], caps_khz: np.ndarray) -> dict[int, int]:
+        """:meth:`decode_rows`' result as CPU -> kHz (CPUs without a ladder left out)."""
+        if self._all_laddered:
+            return dict(zip(cpus, caps_khz.tolist()))
+        return {cpus[i]: khz for i, khz in enumerate(caps_khz.tolist()) if khz >= 0}
+
+    def decode_rows(self, obs: Observation, cpus: tuple[int, ...], cap_frac: np.ndarray) -> np.ndarray:
+        """int64 cap in kHz per row of ``cpus``; -1 for CPUs without a known ladder."""
         self._prepare(obs, cpus)
-        want_khz = np.clip(cap_frac.astype(float), 0.0, 1.0) * self._hw_max
-        caps: dict[int, int] = {}
+        # np.clip is a Python wrapper around these two ufuncs.
+        want_khz = np.minimum(np.maximum(cap_frac.astype(float), 0.0), 1.0)
+        want_khz *= self._hw_max
+        caps_khz = np.full(len(cpus), -1, dtype=np.int64)
         for rows, ladder in self._groups:
-            w = want_khz[rows]
-            # Nearest ladder step: ladders are sorted ascending.
-            hi = np.clip(np.searchsorted(ladder, w), 0, len(ladder) - 1)
-            lo = np.clip(hi - 1, 0, len(ladder) - 1)
+            w = want_khz if rows is None else want_khz[rows]
+            # Nearest ladder step: ladders are sorted ascending; the lower one on a tie.
+            hi = np.minimum(np.searchsorted(ladder, w), len(ladder) - 1)
+            lo = np.maximum(hi - 1, 0)
             pick = np.where(np.abs(ladder[lo] - w) <= np.abs(ladder[hi] - w), ladder[lo], ladder[hi])
-            caps.update(zip(self._cpu_ids[rows].tolist(), pick.astype(np.int64).tolist()))
-        return caps
+            if rows is None:
+                caps_khz[:] = pick
+            else:
+                caps_khz[rows] = pick
+        return caps_khz
 
 
 CAP_GROUPINGS = ("cpu", "die-median", "die-max", "die-min")
@@ -471,14 +557,19 @@ def carry_caps(obs: Observation, cpus: tuple[int, ...], caps_khz: dict[int, int]
         return {}
     ladders = ladders_khz(obs) if ladders is None else ladders
     lowered: dict[int, str] = {}
-    for t in moved.tolist():
-        src, dst = cpus[int(last_cpu_index[t])], cpus[int(choice[t])]
+    ascending: dict[int, list[int]] = {}  # CPUs share a few ladder lists: sort each once
+    for src_row, dst_row in zip(last_cpu_index[moved].tolist(), choice[moved].tolist()):
+        src, dst = cpus[src_row], cpus[dst_row]
         ladder = ladders.get(dst)
         src_state = obs.cpus.get(src)
         if not ladder or src_state is None or src_state.cap_khz is None:
             continue
-        above = [f for f in ladder if f > src_state.cap_khz]
-        allowed = min(above) if above else ladder[0]
+        asc = ascending.get(id(ladder))
+        if asc is None:
+            asc = ascending[id(ladder)] = sorted(ladder)
+        # The lowest step above the cap it ran under (the top one when none is).
+        k = bisect_right(asc, src_state.cap_khz)
+        allowed = asc[k] if k < len(asc) else ladder[0]
         if caps_khz.get(dst, ladder[0]) > allowed:
             caps_khz[dst] = allowed
             lowered[dst] = (f"a thread moves in from cpu {src}, where it ran under {src_state.cap_khz // 1000} MHz: "

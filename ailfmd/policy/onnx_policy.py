@@ -20,6 +20,7 @@ decoded by the same code the trainer used.
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 import time
@@ -29,13 +30,14 @@ from typing import Any
 import numpy as np
 
 from ailfmd.errors import AilfmError
-from ailfmd.platform.base import Action, Capabilities, Observation, Topology
-from ailfmd.policy.base import Decision
-from ailfmd.policy.baselines.common import cap_changes, pin_changes
+from ailfmd.platform.base import Action, Capabilities, Observation, ThreadRef, Topology
+from ailfmd.policy.base import Decision, Reason
+from ailfmd.policy.baselines.common import sensor_label
 from ailfmd.policy.feature_schema import FEATURE_SCHEMA, THREAD_COLUMNS
-from ailfmd.policy.features import FeatureExtractor
+from ailfmd.policy.features import FeatureExtractor, FeatureSet
 from ailfmd.policy.learned import (
     CAP_COLUMNS,
+    CAP_GROUPINGS,
     CAP_INPUT,
     CAP_OUTPUT,
     DEFAULT_MOVE_THRESHOLD,
@@ -50,19 +52,18 @@ from ailfmd.policy.learned import (
     POLICY_FORMAT,
     THREAD_INPUT,
     CapDecoder,
-    CAP_GROUPINGS,
-    cap_inputs,
-    group_caps,
     CapGuard,
+    Dies,
+    cap_inputs,
     carry_caps,
-    dest_own,
+    dest_inputs,
+    die_groups,
     empty_pairs,
     forced_movers,
+    group_caps,
     move_inputs,
     place,
-    placement_by_tid,
 )
-from ailfmd.policy.features import build_pair_own
 
 SOURCE = "policy:onnx"
 DEFAULT_GUARD_C = 2.0  # see learned.CapGuard
@@ -195,6 +196,8 @@ class OnnxPolicy:
             raise PolicyFileError(self.path, f"move threshold {threshold!r} is not a probability in [0, 1]")
         self.move_threshold = float(threshold)
         self._no_threads = np.zeros((0, len(THREAD_COLUMNS)), dtype=np.float32)
+        self._no_pairs = empty_pairs()
+        self._dies: Dies | None = None
         self.carry = carry
         self._guard = self._new_guard()
 
@@ -204,6 +207,7 @@ class OnnxPolicy:
 
     def reset(self, topology: Topology, capabilities: Capabilities) -> None:
         self._extractor = FeatureExtractor(topology)
+        self._dies = None
         self._prev = None
         self._caps = CapDecoder()
         self._guard = self._new_guard()
@@ -215,61 +219,108 @@ class OnnxPolicy:
             raise AilfmError("OnnxPolicy.decide before reset()")
         fs = self._extractor.extract(obs, self._prev)
         self._prev = obs
-        cap_x = cap_inputs(fs.core_features, fs.thread_features)
+        if self._dies is None:  # the dies follow from the topology: once per reset
+            self._dies = die_groups(fs.core_features)
+        cap_x = cap_inputs(fs.core_features, fs.thread_features, self._dies)
         feeds = {CAP_INPUT: cap_x,
                  MOVE_INPUT: move_inputs(cap_x, fs.thread_features, fs.last_cpu_index),
-                 THREAD_INPUT: self._no_threads, PAIR_INPUT: empty_pairs()}
+                 THREAD_INPUT: self._no_threads, PAIR_INPUT: self._no_pairs}
         cap_out, move_out = self._session.run(self._first, feeds)
         cap_frac = np.asarray(cap_out, dtype=np.float32).reshape(-1)
         move_prob = np.asarray(move_out, dtype=np.float32).reshape(-1)
-        if not (np.isfinite(cap_frac).all() and np.isfinite(move_prob).all()):
+        if not (all_finite(cap_frac) and all_finite(move_prob)):
             raise AilfmError(f"{self.name}: the model returned NaN or infinity")
         move = (move_prob >= self.move_threshold) | forced_movers(fs.last_cpu_index, len(fs.cpus))
-        k = int(move.sum())
+        k = int(np.count_nonzero(move))
         pair = np.zeros((k, len(fs.cpus)), dtype=np.float32)
         if k:
             # The affinity matrix only feeds the pairs' "allowed" column, and only movers'.
-            allowed = fs.allowed(move)
-            feeds[THREAD_INPUT] = fs.thread_features[move]
             last = fs.last_cpu_index
-            own = build_pair_own(fs.thread_features[move], fs.core_features, last[move], allowed,
-                                 self._extractor.distance_padded)
-            feeds[PAIR_INPUT] = dest_own(own, fs.core_features, last[move], last)
+            feeds[THREAD_INPUT] = movers = fs.thread_features[move]
+            feeds[PAIR_INPUT] = dest_inputs(movers, fs.core_features, last[move], fs.allowed(move),
+                                            self._extractor.distance_padded, last)
             (pair_out,) = self._session.run(self._second, feeds)
             pair = np.asarray(pair_out, dtype=np.float32).reshape(k, len(fs.cpus))
-            if not np.isfinite(pair).all():
+            if not all_finite(pair):
                 raise AilfmError(f"{self.name}: the model returned NaN or infinity")
         return fs, cap_frac, move_prob, move, pair
 
     def decide(self, obs: Observation) -> Decision:
         t0 = time.perf_counter()
         fs, cap_frac, move_prob, move, pair = self.scores(obs)
-        caps_khz = self._caps.decode(obs, fs.cpus, group_caps(cap_frac, fs.core_features, self.cap_grouping))
-        ladders = self._caps.ladders
-        guarded = (self._guard.apply(obs, fs.cpus, caps_khz, fs.core_features, fs.epoch_s, ladders)
-                   if self._guard is not None else {})
         choice = place(fs.last_cpu_index, move, pair)
-        if self.carry:
-            guarded.update(carry_caps(obs, fs.cpus, caps_khz, fs.last_cpu_index, choice, ladders))
-        placement = placement_by_tid(fs.tids, fs.cpus, choice)
-        caps, cap_reasons = cap_changes(
-            obs, caps_khz, SOURCE,
-            lambda cpu, khz: (f"guarded: {guarded[cpu]}" if cpu in guarded else f"model caps cpu {cpu} at {khz // 1000} MHz"))
-        row = {t: i for i, t in enumerate(np.flatnonzero(move).tolist())}
-        index = {tid: t for t, tid in enumerate(fs.tids)}
-
-        def why(sample: Any, cpu: int) -> str:
-            t = index[sample.ref.tid]
-            if t not in row:
-                return f"model keeps thread on cpu {cpu} (move probability {move_prob[t]:.2f})"
-            j = fs.cpus.index(cpu)
-            return (f"model moves thread to cpu {cpu} (move probability {move_prob[t]:.2f}, "
-                    f"destination score {pair[row[t], j]:.2f})")
-
-        affinity, pin_reasons = pin_changes(obs, placement, SOURCE, why)
+        caps_khz, guarded = self._caps_khz(obs, fs, cap_frac, choice)
+        caps, cap_reasons = cap_changes(obs, fs, caps_khz, guarded)
+        affinity, pin_reasons = pin_changes(obs, fs, choice, move, move_prob, pair)
         info: dict[str, float | str] = {"inference_ms": (time.perf_counter() - t0) * 1e3,
                                         "threads_moved": float(k_moved(fs.last_cpu_index, choice))}
         return Decision(Action(affinity=affinity, freq_cap_khz=caps), tuple(cap_reasons + pin_reasons), info)
+
+    def _caps_khz(self, obs: Observation, fs: FeatureSet, cap_frac: np.ndarray,
+                  choice: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
+        """(cap in kHz per CPU row, -1 = left alone; why, for each CPU the guard or a thread
+        moved there (``choice``: each thread's CPU row) lowered)."""
+        rows_khz = self._caps.decode_rows(obs, fs.cpus, group_caps(cap_frac, fs.core_features, self.cap_grouping))
+        # The guard and the carried caps work on CPU -> kHz and change a few entries.
+        by_cpu = self._caps.as_dict(fs.cpus, rows_khz)
+        ladders = self._caps.ladders
+        guarded = (self._guard.apply(obs, fs.cpus, by_cpu, fs.core_features, fs.epoch_s, ladders)
+                   if self._guard is not None else {})
+        if self.carry:
+            guarded.update(carry_caps(obs, fs.cpus, by_cpu, fs.last_cpu_index, choice, ladders))
+        index = fs.cpu_index
+        for cpu in guarded:
+            rows_khz[index[cpu]] = by_cpu[cpu]
+        return rows_khz, guarded
+
+
+def all_finite(a: np.ndarray) -> bool:
+    """No NaN or infinity in ``a`` (one reduction: a float64 sum of float32 values cannot
+    overflow, and NaN or infinity carries through it)."""
+    return math.isfinite(np.add.reduce(a, axis=None, dtype=np.float64))
+
+
+def cap_changes(obs: Observation, fs: FeatureSet, caps_khz: np.ndarray,
+                guarded: dict[int, str]) -> tuple[dict[int, int], list[Reason]]:
+    """The caps (kHz per CPU row, -1 = left alone) that differ from the ones in effect,
+    each with a Reason, in CPU order. Most epochs change few caps: only those rows reach
+    Python."""
+    changed = np.flatnonzero((caps_khz >= 0) & (caps_khz != fs.cap_khz))  # NaN (unknown) differs
+    out: dict[int, int] = {}
+    reasons: list[Reason] = []
+    for j, khz in zip(changed.tolist(), caps_khz[changed].tolist()):
+        cpu = fs.cpus[j]
+        st = obs.cpus.get(cpu)
+        if st is None:
+            continue
+        out[cpu] = khz
+        detail = f"guarded: {guarded[cpu]}" if cpu in guarded else f"model caps cpu {cpu} at {khz // 1000} MHz"
+        reasons.append(Reason(f"cpu {cpu}", "freq_cap", SOURCE, detail, sensor_label(st), st.temp.temp_c, None,
+                              f"cap {khz // 1000} MHz"))
+    return out, reasons
+
+
+def pin_changes(obs: Observation, fs: FeatureSet, choice: np.ndarray, move: np.ndarray,
+                move_prob: np.ndarray, pair: np.ndarray) -> tuple[dict[ThreadRef, frozenset[int]], list[Reason]]:
+    """Pin each thread to the CPU ``choice`` gives it (a row of ``fs.cpus``, -1 = none)
+    where its affinity is not that CPU alone already, with a Reason, in tid order."""
+    changed = np.flatnonzero((choice >= 0) & (choice != fs.pinned_rows()))
+    out: dict[ThreadRef, frozenset[int]] = {}
+    reasons: list[Reason] = []
+    if not changed.size:
+        return out, reasons
+    mover_row = np.cumsum(move) - 1  # a mover's row of ``pair``
+    for t, j in zip(changed.tolist(), choice[changed].tolist()):
+        tid, cpu = fs.tids[t], fs.cpus[j]
+        sample = obs.threads[tid]
+        out[sample.ref] = frozenset((cpu,))
+        if move[t]:
+            detail = (f"model moves thread to cpu {cpu} (move probability {move_prob[t]:.2f}, "
+                      f"destination score {pair[mover_row[t], j]:.2f})")
+        else:
+            detail = f"model keeps thread on cpu {cpu} (move probability {move_prob[t]:.2f})"
+        reasons.append(Reason(f"thread {tid}", "placement", SOURCE, detail, predicted=f"runs on cpu {cpu}"))
+    return out, reasons
 
 
 def k_moved(last_cpu_index: np.ndarray, choice: np.ndarray) -> int:
