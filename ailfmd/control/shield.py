@@ -358,10 +358,13 @@ class SafetyShield:
         caps: dict[int, int],
     ) -> list[Reason]:
         """Each hot CPU's busiest thread goes to the coolest CPU (idle ones first), and
-        takes no faster clock there than it had: a cool idle CPU usually carries a high
-        cap (nothing runs there), and the thread that just heated one core would heat the
-        next within the epoch at full speed. The policy decides the target's cap again
-        next epoch."""
+        takes no faster clock there than the shield leaves on the CPU it leaves (its cut
+        cap, else the cap it ran under): a cool idle CPU usually carries a high cap
+        (nothing runs there), and the thread that just heated one core would heat the
+        next within the epoch at full speed. Measured on the simulated 3D chip, a thread
+        moved at the clock it ran under took its destination from ~56 to 80 °C within the
+        epoch, and the shield added time above DTM instead of removing it. The policy
+        decides the target's cap again next epoch."""
         if not hot or not obs.threads:
             return []
         margin = self.config.margin_c
@@ -389,7 +392,8 @@ class SafetyShield:
             used.add(target)
             affinity[hottest.ref] = frozenset({target})
             src, dst = obs.cpus[cpu], obs.cpus[target]
-            had_khz = src.cap_khz or src.hw_max_khz
+            # caps holds this epoch's cut for a hot CPU, so the cut travels with the thread.
+            had_khz = caps.get(cpu, src.cap_khz or src.hw_max_khz)
             target_khz = caps.get(target, dst.cap_khz or dst.hw_max_khz)
             if had_khz is not None and target_khz is not None and target_khz > had_khz:
                 caps[target] = had_khz
@@ -400,7 +404,7 @@ class SafetyShield:
                     "placement",
                     "shield",
                     f"busiest thread on hot cpu {cpu} moved to the coolest cpu {target}"
-                    + (f", capped there at the {had_khz // 1000} MHz it ran under" if caps.get(target) == had_khz
+                    + (f", capped there at the {had_khz // 1000} MHz it leaves on cpu {cpu}" if caps.get(target) == had_khz
                        and had_khz is not None else ""),
                     None,
                     t,

@@ -227,7 +227,7 @@ def test_shield_spreads_displaced_threads_instead_of_piling_them_on_one_cpu() ->
     assert len(set().union(*got)) == 3, got  # three different cool CPUs, not one
 
 
-def test_a_thread_the_shield_moves_takes_no_faster_clock_than_it_had() -> None:
+def test_a_thread_the_shield_moves_takes_the_cut_it_leaves_behind() -> None:
     from ailfmd.platform.base import CpuState, CpuTemp, TempSensor, ThreadRef, ThreadSample, Topology as Topo
     from ailfmd.platform.base import CpuTopology
 
@@ -244,9 +244,12 @@ def test_a_thread_the_shield_moves_takes_no_faster_clock_than_it_had() -> None:
     shield = SafetyShield(ShieldConfig(limit_c=85.0, margin_c=3.0, critical_c=95.0), topo)
     decision, reasons = shield.filter(obs, Decision(Action()))
     assert decision.action.affinity[busy.ref] == frozenset({1})
-    # The idle CPU's 3 GHz cap would let the thread that heated cpu 0 run faster there.
-    assert decision.action.freq_cap_khz[1] == 1_800_000
-    assert any("capped there at the 1800 MHz it ran under" in r.detail for r in reasons)
+    # cpu 0 is in the guard band: its 1.8 GHz cap is cut by a quarter of the 2 GHz range.
+    assert decision.action.freq_cap_khz[0] == 1_300_000
+    # The idle CPU's 3 GHz cap would let the thread that heated cpu 0 run faster there;
+    # the cut goes with it.
+    assert decision.action.freq_cap_khz[1] == 1_300_000
+    assert any("capped there at the 1300 MHz it leaves on cpu 0" in r.detail for r in reasons)
     # A target already capped lower keeps its cap.
     cpus[1] = CpuState(1, cpus[1].temp, 1_000_000, 1_200_000, 1_000_000, 3_000_000)
     shield = SafetyShield(ShieldConfig(limit_c=85.0, margin_c=3.0, critical_c=95.0), topo)
