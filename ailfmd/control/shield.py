@@ -14,6 +14,14 @@ and that is lower (likewise for critical). Then:
   range per epoch (slowly: thermal time constants are seconds, and releasing at once
   would oscillate); in between it holds.
 
+Landing caps (``landing_caps``): a thread that wakes on an idle core between two epochs
+runs there at whatever cap the idle core has, usually a high one, for up to an epoch
+before anyone sees it; on a thin stacked die that is enough to go from idle to DTM.
+When a thread that landed on a CPU idle at the last epoch finds it in the guard band,
+the shield halves a landing fraction (from 1, no effect) and caps every idle CPU at
+that fraction of its range; each epoch without such a landing raises it again by
+``release_fraction``. A machine whose landings never run hot never sees a landing cap.
+
 The shield's caps are a ceiling on the policy's: the lower of the two is applied. CPUs
 without a temperature reading are left to the policy (the shield cannot see them) and
 the record says so. It never raises a cap above what the policy asked.
@@ -21,6 +29,7 @@ the record says so. It never raises a cap above what the policy asked.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import repeat
 from operator import attrgetter, sub
@@ -44,6 +53,7 @@ class ShieldConfig:
     release_fraction: float = 0.05  # of the hardware range, per epoch when cool
     min_freq_khz: int | None = None  # floor for shield caps (never below hardware min)
     follow_sensor_limits: bool = True  # lower the limits to what sensors report as their max/crit
+    landing_caps: bool = True  # cap idle CPUs once landings on them have run hot (see above)
 
     def __post_init__(self) -> None:
         if not self.critical_c > self.limit_c > self.margin_c > 0:
@@ -74,11 +84,17 @@ class SafetyShield:
     # (CPUs, their states, their temperatures), all in obs.cpus order, of the last
     # filter() call when every CPU had a reading, all of them now in _last; else None.
     _prev_temps: tuple[list[int], list[CpuState], list[float]] | None = None
+    # Idle CPUs get at most this fraction of their range (1: no landing cap).
+    landing_fraction: float = 1.0
+    # What the last filter() saw and sent, to tell next epoch which CPUs were idle then.
+    _landing_view: tuple[Mapping[int, ThreadSample], Mapping[ThreadRef, frozenset[int]]] | None = None
+    _landing_capped: set[int] = field(default_factory=set)  # CPUs holding a landing cap
 
     def reset(self, topology: Topology) -> None:
         self.topology = topology
         self._caps_khz = {c: v for c, v in self._caps_khz.items() if c in topology.cpus}
         self._policy_caps = {c: v for c, v in self._policy_caps.items() if c in topology.cpus}
+        self._landing_capped &= set(topology.cpus)
 
     def forget_policy_caps(self) -> None:
         """The policy's caps were undone (pause restores them): the shield caps alone
@@ -160,7 +176,9 @@ class SafetyShield:
             temps = prev[2]  # the same CPU states: the same temperatures
         else:
             temps = list(map(_temp_of, states))
-        if temps and not self._caps_khz and None not in temps and prev is not None and prev[0] == keys:
+        landing_idle = self.landing_fraction >= 1.0 and not self._landing_capped
+        if (temps and not self._caps_khz and landing_idle and None not in temps and prev is not None
+                and prev[0] == keys):
             # The usual epoch: no shield cap of its own, and even the hottest CPU, were it
             # to rise again by as much as any CPU just did (the look-ahead's largest
             # step), stays below the lowest guard band. Then no CPU is hot or critical and
@@ -180,6 +198,8 @@ class SafetyShield:
                         (c, v) for c, v in caps.items() if c in obs.cpus and c not in unranged and v is not None)
                 self._prev_temps = (keys, states, temps)
                 self.last_cool_max_c = hottest
+                # No landing can have run hot (every CPU is below its guard band).
+                self._landing_view = (obs.threads, decision.action.affinity)
                 return decision, ()
         result = self._filter_all(obs, decision, limits)
         if temps and None not in temps:
@@ -274,10 +294,56 @@ class SafetyShield:
                 caps[cpu] = policy_cap  # the policy's own cap is the lower one again
         reasons += self._keep_work_off(hot, obs, limits, affinity)
         reasons += self._move_hottest_threads(obs, hot, limits, affinity, caps)
+        if cfg.landing_caps:
+            reasons += self._landing_caps(obs, limits, affinity, caps)
+        self._landing_view = (obs.threads, affinity)
         if not reasons:
             return decision, ()
         action = Action(affinity=affinity, freq_cap_khz=caps)
         return Decision(action, decision.reasons + tuple(reasons), dict(decision.info)), tuple(reasons)
+
+    def _landing_caps(self, obs: Observation, limits: dict[int, tuple[float, float]],
+                      affinity: dict[ThreadRef, frozenset[int]], caps: dict[int, int]) -> list[Reason]:
+        """Adapt the landing fraction to the last epoch's landings and cap the idle CPUs
+        at it (module docstring); lift the landing caps of CPUs no longer idle."""
+        cfg = self.config
+        if self._landing_view is not None:
+            landed = {th.last_cpu for th in obs.threads.values()} - _occupied(*self._landing_view)
+            landings = [(st.temp.temp_c, limits[cpu][0] - cfg.margin_c) for cpu, st in obs.cpus.items()
+                        if cpu in landed and cpu in limits and st.temp.temp_c is not None]
+            # Evidence only: a landing that ran hot halves the fraction, one that stayed
+            # clear of the guard band raises it a step; no landing changes nothing (the
+            # die's physics do not change between arrivals).
+            if any(t >= guard for t, guard in landings):
+                self.landing_fraction /= 2.0
+            elif landings:
+                self.landing_fraction = min(1.0, self.landing_fraction + cfg.release_fraction)
+        idle = set(obs.cpus) - _occupied(obs.threads, affinity)
+        reasons: list[Reason] = []
+        landed: set[int] = set()
+        for cpu in sorted(idle | self._landing_capped):
+            st = obs.cpus.get(cpu)
+            if st is None or st.hw_min_khz is None or st.hw_max_khz is None:
+                continue
+            lo, hi = self._range(st)
+            assert lo is not None and hi is not None
+            ceiling = min(self._policy_caps.get(cpu, hi), self._caps_khz.get(cpu, hi), caps.get(cpu, hi))
+            if cpu in idle and self.landing_fraction < 1.0:
+                landing = max(lo, int(lo + self.landing_fraction * (hi - lo)))
+                if landing < ceiling:
+                    landed.add(cpu)
+                    if st.cap_khz != landing:
+                        caps[cpu] = landing
+                        reasons.append(Reason(
+                            f"cpu {cpu}", "freq_cap", "shield",
+                            f"idle: landing cap at {self.landing_fraction:.0%} of the range (threads that "
+                            "landed on idle CPUs ran into the guard band)", None, st.temp.temp_c, None,
+                            f"cap {landing // 1000} MHz until a thread runs here"))
+                    continue
+            if cpu in self._landing_capped and cpu not in caps and st.cap_khz != ceiling:
+                caps[cpu] = ceiling  # busy again, or the fraction rose past the policy's cap
+        self._landing_capped = landed
+        return reasons
 
     def _package(self, cpu: int) -> int:
         return self.topology.cpus[cpu].package_id if cpu in self.topology.cpus else -1
@@ -413,6 +479,13 @@ class SafetyShield:
                 )
             )
         return reasons
+
+
+def _occupied(threads: Mapping[int, ThreadSample], affinity: Mapping[ThreadRef, frozenset[int]]) -> set[int]:
+    """CPUs a managed thread ran on, or was sent to alone."""
+    busy = {th.last_cpu for th in threads.values() if th.last_cpu is not None}
+    busy.update(next(iter(cpus)) for cpus in affinity.values() if len(cpus) == 1)
+    return busy
 
 
 def _coolest_first(obs: Observation, limits: dict[int, tuple[float, float]], margin_c: float,

@@ -121,6 +121,7 @@ class SafetySettings:
     margin_c: float = 3.0
     critical_c: float = 95.0
     min_freq_khz: int | None = None  # floor for the shield's caps; None: hardware minimum
+    landing_caps: bool = True  # cap idle CPUs once threads landing on idle CPUs ran hot
 
     @property
     def act_at_c(self) -> float:
@@ -246,6 +247,7 @@ def parse_config(text: str, source: str) -> DaemonConfig:
         margin_c=t.number("margin_c", *MARGIN_C_RANGE, default=SafetySettings.margin_c, lo_open=True),
         critical_c=t.number("critical_c", *CRITICAL_C_RANGE, default=SafetySettings.critical_c),
         min_freq_khz=t.integer("min_freq_khz", *MIN_FREQ_KHZ_RANGE, default=None),
+        landing_caps=t.boolean("landing_caps", default=SafetySettings.landing_caps),
     )
     t.finish()
 

@@ -75,7 +75,8 @@ def build_platform(cfg: DaemonConfig, wall_clock: Any = time.monotonic) -> tuple
 
 def shield_config(cfg: DaemonConfig) -> ShieldConfig:
     s = cfg.safety
-    return ShieldConfig(limit_c=s.limit_c, margin_c=s.margin_c, critical_c=s.critical_c, min_freq_khz=s.min_freq_khz)
+    return ShieldConfig(limit_c=s.limit_c, margin_c=s.margin_c, critical_c=s.critical_c, min_freq_khz=s.min_freq_khz,
+                        landing_caps=s.landing_caps)
 
 
 class Daemon:

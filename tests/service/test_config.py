@@ -79,6 +79,7 @@ limit_c = 80
 margin_c = 5.5
 critical_c = 100.0
 min_freq_khz = 1200000
+landing_caps = false
 
 [metrics]
 enabled = false
@@ -116,6 +117,7 @@ def test_every_key_parses() -> None:
     assert po.timeout_s == 0.12
     s = c.safety
     assert (s.limit_c, s.margin_c, s.critical_c, s.min_freq_khz) == (80.0, 5.5, 100.0, 1200000)
+    assert s.landing_caps is False
     assert isinstance(s.limit_c, float)
     assert s.act_at_c == 74.5
     assert (c.metrics.enabled, c.metrics.listen_address, c.metrics.port) == (False, "::1", 9999)
@@ -281,6 +283,7 @@ def test_wrong_types(text: str, key: str, value: str) -> None:
         ("[safety]\nmargin_c = -1.0\n", "safety.margin_c", "-1.0"),
         ("[safety]\nlimit_c = nan\n", "safety.limit_c", "nan"),
         ("[safety]\nmin_freq_khz = 0\n", "safety.min_freq_khz", "0"),
+        ("[safety]\nlanding_caps = \"yes\"\n", "safety.landing_caps", "yes"),
         ("[metrics]\nport = 0\n", "metrics.port", "0"),
         ("[metrics]\nport = 70000\n", "metrics.port", "70000"),
         ("[policy]\ntimeout_ms = 0\n", "policy.timeout_ms", "0"),
