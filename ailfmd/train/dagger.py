@@ -292,7 +292,10 @@ def evaluate(config: TrainConfig, out: Path, learned: dict[str, str], jobs: int,
     done = show.run("evaluation", todo, run_eval_job, jobs)
     for job, result in zip(todo, done):
         write_json(eval_dir / f"{job.key()}.json", result)
-    results = [json.loads((eval_dir / f"{j.key()}.json").read_text()) for j in jobs_list]
+    # A result is found by its job's key, which names a learned policy by its file's stem;
+    # the path recorded inside is where the training was when it ran, and a training
+    # directory that was moved or copied since must still match its own results.
+    results = [{**json.loads((eval_dir / f"{j.key()}.json").read_text()), "policy": j.policy} for j in jobs_list]
     summary = summarise(results, learned)
     summary["policies"] = {label: pol for label, pol in learned.items()}
     write_json(out / "evaluation.json", {"summary": summary, "runs": results})

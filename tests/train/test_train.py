@@ -115,6 +115,14 @@ def test_training_is_reproducible_and_resumes_after_an_interruption(quick_traini
     train(cfg, other, jobs=1, resume=True, progress=None)
     assert (other / "models" / "round1.onnx").read_bytes() == before
     assert episode.stat().st_size == size
+    # A training directory moved elsewhere resumes with its own evaluation results.
+    moved = tmp_path / "moved"
+    other.rename(moved)
+    (moved / "policy.onnx").unlink()
+    train(cfg, moved, jobs=1, resume=True, progress=None)
+    scores = json.loads((moved / "evaluation.json").read_text())["summary"]["overall"]
+    assert scores["dagger"]["vs_best_baseline"] > 0
+    other = moved
     # Resuming with other options is refused, naming what differs.
     changed = QUICK.__class__(**{**cfg.__dict__, "duration_s": 3.0})
     with pytest.raises(AilfmError, match="duration_s"):
