@@ -6,6 +6,20 @@ from __future__ import annotations
 class AilfmError(Exception):
     """Base of every error ailfmd raises on purpose."""
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Subclasses build their message from their own arguments; the default pickling
+        # calls the constructor with the message alone and fails, so an error raised in
+        # a worker process (bench, training) would reach the parent as a broken pool
+        # instead of the error that names the file. Rebuild from message and attributes.
+        return (_rebuild_error, (type(self), self.args, dict(self.__dict__)))
+
+
+def _rebuild_error(cls: type[AilfmError], args: tuple[object, ...], state: dict[str, object]) -> AilfmError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, *args)
+    err.__dict__.update(state)
+    return err
+
 
 class SysfsError(AilfmError):
     """A sysfs/procfs file could not be read or parsed."""
