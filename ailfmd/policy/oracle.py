@@ -22,6 +22,13 @@ Candidates are a placement times a cap shape (docs/oracle.md):
 
 Because the simulator is deterministic and the chosen action is simulated exactly as it
 will run for the first epoch, a feasible choice can never push a core over the limit.
+
+With ``rollout=True`` (off by default) the choice is made differently: the baselines'
+actions and the winner of the search above are each rolled out to the end of the run
+with every baseline continuing after them (``ailfmd.policy.rollout``), and the oracle
+takes the candidate of the best roll-out. It is then at least as good as every baseline
+run from the start (docs/oracle.md, "Roll-out mode"), at the cost of roll-outs as long
+as the rest of the run at every decision.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import numpy as np
 
 from ailfmd.platform.base import Action, Capabilities, Observation, ThreadRef, Topology
 from ailfmd.policy.base import Decision, Policy, Reason
+from ailfmd.policy.rollout import EndOutcome, RunEnd, continuation, roll_out
 from ailfmd.sim.platform import SimPlatform
 
 SOURCE = "policy:oracle"
@@ -78,6 +86,11 @@ class Oracle:
     level is never hotter) or ``"all"`` (every level). ``exhaustive_threads`` enumerates
     every mapping when at most that many threads are live. ``baselines`` names the
     baselines whose actions are candidates too (default every registered one).
+
+    ``rollout`` turns on the roll-out mode: candidates are the baselines' actions and the
+    search's winner, compared by roll-outs to the end of the run in which each baseline
+    continues. ``drain_s`` must then be the run's drain (``Scenario.drain_s``), so that
+    the roll-outs end where the run ends.
     """
 
     name = "oracle"
@@ -85,9 +98,10 @@ class Oracle:
     def __init__(self, platform: SimPlatform, horizon_s: float = DEFAULT_HORIZON_S,
                  epoch_s: float = DEFAULT_EPOCH_S, margin_c: float = DEFAULT_MARGIN_C,
                  levels: Sequence[int] | None = None, search: str = "bisect",
-                 exhaustive_threads: int = 0, baselines: Sequence[str] | None = None) -> None:
-        if not horizon_s > 0 or not epoch_s > 0 or margin_c < 0:
-            raise ValueError("horizon_s and epoch_s must be > 0, margin_c >= 0")
+                 exhaustive_threads: int = 0, baselines: Sequence[str] | None = None,
+                 rollout: bool = False, drain_s: float = 0.0) -> None:
+        if not horizon_s > 0 or not epoch_s > 0 or margin_c < 0 or drain_s < 0:
+            raise ValueError("horizon_s and epoch_s must be > 0, margin_c and drain_s >= 0")
         if search not in SEARCHES:
             raise ValueError(f"search must be one of {SEARCHES}, not {search!r}")
         self.platform = platform
@@ -98,8 +112,12 @@ class Oracle:
         self.search = search
         self.exhaustive_threads = exhaustive_threads
         self.baselines = baselines
+        self.rollout = rollout
+        self.drain_s = drain_s
         self.decision_s_: list[float] = []  # wall time of each decision
         self.simulations_: list[int] = []  # look-ahead runs of each decision
+        self.rollouts_: list[int] = []  # roll-outs to the end of each decision (roll-out mode)
+        self.rollout_best_: list[EndOutcome] = []  # the chosen roll-out's end, per decision
         self._program_work: dict[int, float] = {}  # pid -> instructions per thread
         self._baselines: dict[str, Policy] = {}
 
@@ -121,6 +139,9 @@ class Oracle:
         self._baselines = {n: get_baseline(n, chip) for n in names}
         for policy in self._baselines.values():
             policy.reset(topology, capabilities)
+        if self.rollout and not self._baselines:
+            raise ValueError("roll-out mode needs at least one baseline to continue")
+        self._end = RunEnd.of(self.platform, self.epoch_s, self.drain_s)
 
     def decide(self, obs: Observation) -> Decision:
         t0 = time.perf_counter()
@@ -128,6 +149,7 @@ class Oracle:
         snap = p.snapshot()
         candidates = self._baseline_candidates(obs)
         outcomes: dict[str, Outcome] = {}
+        n_baselines = len(candidates)
         try:
             for c in candidates:
                 outcomes[c.label] = self._simulate(snap, c.action)
@@ -146,21 +168,67 @@ class Oracle:
             label = min(feasible, key=lambda lbl: (*outcomes[lbl].key(), order[lbl]))
         else:
             label = min(by_label, key=lambda lbl: outcomes[lbl].peak_c)
+        rolled = None
+        if self.rollout:
+            rolled = self._best_rollout(snap, candidates[:n_baselines] + [by_label[label]])
+            label = rolled[0]
         chosen, out = by_label[label], outcomes[label]
         elapsed = time.perf_counter() - t0
         self.decision_s_.append(elapsed)
         self.simulations_.append(len(outcomes))
         verdict = ("feasible" if out.feasible else
                    f"no candidate stays below {self.limit_c:g} °C; the coolest")
+        detail = (f"{label}: best of {len(by_label)} candidates ({len(outcomes)} look-aheads "
+                  f"of {self.horizon_s:g} s, {len(feasible)} feasible), {verdict}")
+        if rolled is not None:
+            end = self.rollout_best_[-1]
+            detail = (f"{label}, then {rolled[1]} to the end: the best of {rolled[2]} roll-outs "
+                      f"after {len(outcomes)} look-aheads; the run would end with "
+                      f"{end.time_above_dtm_s:g} s above DTM, {end.requests_completed} requests "
+                      f"completed, mean response {end.mean_response_s * 1e3:.3f} ms")
         reason = Reason(
             target="all cpus and threads", kind="freq_cap+placement", source=SOURCE,
-            detail=(f"{label}: best of {len(by_label)} candidates ({len(outcomes)} look-aheads "
-                    f"of {self.horizon_s:g} s, {len(feasible)} feasible), {verdict}"),
-            value_c=out.peak_c, threshold_c=self.limit_c,
+            detail=detail, value_c=out.peak_c, threshold_c=self.limit_c,
             predicted=f"peak {out.peak_c:.1f} °C, {out.work_left:.3g} instructions left")
         info: dict[str, float | str] = {"candidate": label, "lookaheads": float(len(outcomes)),
                                         "decision_ms": elapsed * 1e3}
+        if rolled is not None:
+            info.update({"rollout_base": rolled[1], "rollouts": float(rolled[2])})
         return Decision(chosen.action, (reason,), info)
+
+    # ------------------------------------------------------------------ roll-outs
+
+    def _best_rollout(self, snap: object, candidates: list[Candidate]) -> tuple[str, str, int]:
+        """(candidate label, continuing baseline, roll-outs run) of the best roll-out.
+
+        Every distinct candidate action is rolled out to the end of the run with every
+        baseline continuing: a copy of the baseline instance that has decided on every
+        observation of this run, this one included, as it would have in the roll-out the
+        oracle followed. Among them "a baseline's own action, then that baseline" replays
+        the previous decision's best roll-out exactly, so the best end never gets worse.
+        Ties go to the earlier pair (baselines in ``baselines`` order, the search's winner
+        last). The platform is restored to ``snap``.
+        """
+        distinct: list[Candidate] = []
+        for c in candidates:
+            if all(c.action != d.action for d in distinct):
+                distinct.append(c)
+        best: tuple[EndOutcome, str, str] | None = None
+        try:
+            for c in distinct:
+                for name, policy in self._baselines.items():
+                    base = continuation(policy, self.platform)
+                    end = roll_out(self.platform, snap, c.action, base, self._end)
+                    if best is None or end.key() < best[0].key():
+                        best = (end, c.label, name)
+        finally:
+            self.platform.restore_snapshot(snap)
+        if best is None:
+            raise ValueError("roll-out mode needs at least one baseline to continue")
+        runs = len(distinct) * len(self._baselines)
+        self.rollouts_.append(runs)
+        self.rollout_best_.append(best[0])
+        return best[1], best[2], runs
 
     # ------------------------------------------------------------------ look-ahead
 
