@@ -1,7 +1,7 @@
 """Daemon cost: the whole control loop on a 64-CPU machine tree with 64 managed threads.
 
     .venv/bin/python benchmarks/bench_daemon.py [--seconds 120] [--cpus 64] [--threads 64]
-        [--thread-sample-every N] [--changing-inputs] [--cached-observation]
+        [--thread-sample-every N] [--changing-inputs] [--cached-observation] [--observe-only]
 
 Runs the real daemon (LinuxPlatform on a generated Xeon-like tree, stepwise policy,
 safety shield, metrics, control socket, history) at 10 Hz in enforce mode, managing the
@@ -15,6 +15,8 @@ temperature and current frequency in the tree at 10 Hz (a busy machine), so that
 misses as it would there; the writer's own CPU is not counted. ``--cached-observation``
 hands the loop the same observation every epoch after the warm-up, so that what is
 measured is the rest of the epoch: decide, shield, apply, reporting and the wait.
+``--observe-only`` times the platform's ``observe()`` alone, in the loop thread's CPU
+time: once per 100 ms (caches gone cold in between, as in the daemon) and back to back.
 """
 
 from __future__ import annotations
@@ -91,6 +93,27 @@ def cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def observe_cost(platform: object, epochs: int) -> None:
+    """CPU time and user-space instructions of ``platform.observe()`` per call, at 10 Hz
+    and back to back: the difference is what cold caches cost each epoch."""
+    work = ThreadCounters(threading.get_native_id(), ("instructions",))
+    observe = platform.observe  # type: ignore[attr-defined]
+    for label, gap_s in (("at 10 Hz", 0.1), ("back to back", 0.0)):
+        cpu_ns: list[int] = []
+        work.read_deltas()
+        for _ in range(epochs):
+            if gap_s:
+                time.sleep(gap_s)
+            t0 = time.thread_time_ns()
+            observe()
+            cpu_ns.append(time.thread_time_ns() - t0)
+        instructions = work.read_deltas().get("instructions")
+        per_call = f", {instructions / epochs / 1e6:.2f} M user-space instructions" if instructions else ""
+        print(f"observe {label}: CPU median {statistics.median(cpu_ns) / 1e3:.0f} us, "
+              f"mean {statistics.mean(cpu_ns) / 1e3:.0f} us per call{per_call}")
+    work.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -108,6 +131,8 @@ def main() -> None:
                     help="rewrite every temperature and current frequency at 10 Hz from another process")
     ap.add_argument("--cached-observation", action="store_true",
                     help="after the warm-up, reuse one observation: measure everything but observe")
+    ap.add_argument("--observe-only", action="store_true",
+                    help="time platform.observe() alone, at 10 Hz and back to back")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ailfmd-bench", dir="/tmp"))
     sysfs = build_large(tmp, n_cpus=args.cpus, packages=2)
@@ -132,6 +157,12 @@ def main() -> None:
             control=dataclasses.replace(base.control, socket=tmp / "c.sock"),
         )
         daemon = Daemon(cfg, env={})
+        if args.observe_only:
+            for _ in range(50):  # warm-up: first samples, slow-state slices, a re-discovery
+                daemon.platform.observe()
+            observe_cost(daemon.platform, int(args.seconds * 10))
+            daemon.platform.close()
+            return
         daemon.start_services()
         totals: list[float] = []
         rss: list[int] = []
