@@ -147,9 +147,10 @@ def test_oracle_with_roll_outs_is_at_least_as_good_as_every_baseline_when_search
             assert om.time_above_dtm_s < bm.time_above_dtm_s, name
 
 
-def test_decision_restores_the_platform_and_explains_itself():
-    p = SimPlatform(load_chip("tiny"), load_workload("tiny-test"), seed=1, duration_s=2.0)
-    oracle = Oracle(p)
+@pytest.mark.parametrize("rollout", [False, True], ids=["search", "roll-out"])
+def test_a_decision_restores_the_platform_and_explains_itself(rollout: bool):
+    p = SimPlatform(load_chip("tiny"), load_workload("tiny-test"), seed=1, duration_s=1.0 if rollout else 2.0)
+    oracle = Oracle(p, rollout=rollout)
     oracle.reset(p.topology(), p.capabilities())
     p.advance(0.5)
     obs = p.observe()
@@ -158,19 +159,9 @@ def test_decision_restores_the_platform_and_explains_itself():
     assert (p.time_s, p.metrics()) == before[:2]
     assert (p.engine.state.temps_c == before[2]).all()
     assert decision.reasons[0].source == "policy:oracle"
-    assert "candidates" in decision.reasons[0].detail
-
-
-def test_a_roll_out_decision_restores_the_platform_and_explains_itself():
-    p = SimPlatform(load_chip("tiny"), load_workload("tiny-test"), seed=1, duration_s=1.0)
-    oracle = Oracle(p, rollout=True)
-    oracle.reset(p.topology(), p.capabilities())
-    p.advance(0.5)
-    obs = p.observe()
-    before = (p.time_s, p.metrics(), p.engine.state.temps_c.copy())
-    decision = oracle.decide(obs)
-    assert (p.time_s, p.metrics()) == before[:2]
-    assert (p.engine.state.temps_c == before[2]).all()
+    if not rollout:
+        assert "candidates" in decision.reasons[0].detail
+        return
     assert "roll-outs" in decision.reasons[0].detail
     assert decision.info["rollout_base"] in baseline_names()
     assert decision.info["rollouts"] == oracle.rollouts_[0] >= len(baseline_names())
