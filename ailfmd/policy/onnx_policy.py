@@ -250,8 +250,8 @@ class OnnxPolicy:
         fs, cap_frac, move_prob, move, pair = self.scores(obs)
         choice = place(fs.last_cpu_index, move, pair)
         caps_khz, guarded = self._caps_khz(obs, fs, cap_frac, choice)
-        caps, cap_reasons = cap_changes(obs, fs, caps_khz, guarded)
-        affinity, pin_reasons = pin_changes(obs, fs, choice, move, move_prob, pair)
+        caps, cap_reasons = cap_row_changes(obs, fs, caps_khz, guarded)
+        affinity, pin_reasons = pin_row_changes(obs, fs, choice, move, move_prob, pair)
         info: dict[str, float | str] = {"inference_ms": (time.perf_counter() - t0) * 1e3,
                                         "threads_moved": float(k_moved(fs.last_cpu_index, choice))}
         return Decision(Action(affinity=affinity, freq_cap_khz=caps), tuple(cap_reasons + pin_reasons), info)
@@ -280,11 +280,11 @@ def all_finite(a: np.ndarray) -> bool:
     return math.isfinite(np.add.reduce(a, axis=None, dtype=np.float64))
 
 
-def cap_changes(obs: Observation, fs: FeatureSet, caps_khz: np.ndarray,
-                guarded: dict[int, str]) -> tuple[dict[int, int], list[Reason]]:
+def cap_row_changes(obs: Observation, fs: FeatureSet, caps_khz: np.ndarray,
+                    guarded: dict[int, str]) -> tuple[dict[int, int], list[Reason]]:
     """The caps (kHz per CPU row, -1 = left alone) that differ from the ones in effect,
-    each with a Reason, in CPU order. Most epochs change few caps: only those rows reach
-    Python."""
+    each with a Reason, in CPU order: ``baselines.common.cap_changes`` on arrays. Most
+    epochs change few caps: only those rows reach Python."""
     changed = np.flatnonzero((caps_khz >= 0) & (caps_khz != fs.cap_khz))  # NaN (unknown) differs
     out: dict[int, int] = {}
     reasons: list[Reason] = []
@@ -300,10 +300,11 @@ def cap_changes(obs: Observation, fs: FeatureSet, caps_khz: np.ndarray,
     return out, reasons
 
 
-def pin_changes(obs: Observation, fs: FeatureSet, choice: np.ndarray, move: np.ndarray,
-                move_prob: np.ndarray, pair: np.ndarray) -> tuple[dict[ThreadRef, frozenset[int]], list[Reason]]:
+def pin_row_changes(obs: Observation, fs: FeatureSet, choice: np.ndarray, move: np.ndarray,
+                    move_prob: np.ndarray, pair: np.ndarray) -> tuple[dict[ThreadRef, frozenset[int]], list[Reason]]:
     """Pin each thread to the CPU ``choice`` gives it (a row of ``fs.cpus``, -1 = none)
-    where its affinity is not that CPU alone already, with a Reason, in tid order."""
+    where its affinity is not that CPU alone already, with a Reason, in tid order:
+    ``baselines.common.pin_changes`` on arrays."""
     changed = np.flatnonzero((choice >= 0) & (choice != fs.pinned_rows()))
     out: dict[ThreadRef, frozenset[int]] = {}
     reasons: list[Reason] = []
