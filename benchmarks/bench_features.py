@@ -13,6 +13,7 @@ extractor. Prints median and p99 in microseconds.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from ailfmd.platform.base import (  # noqa: E402
     CpuState,
     CpuTemp,
     Observation,
+    TempReading,
     TempSensor,
     ThreadRef,
     ThreadSample,
@@ -34,13 +36,23 @@ from ailfmd.sim.chip import load_chip  # noqa: E402
 from ailfmd.sim.platform import SimPlatform  # noqa: E402
 from ailfmd.sim.workload import load_workload  # noqa: E402
 
+MAX_C = 80.0  # the sensors' maximum: the simulated chips' limit
+
+
+@functools.lru_cache(maxsize=None)
+def sensors(n_cpus: int) -> tuple[TempSensor, ...]:
+    """One sensor per CPU, the same records in every observation (as platforms keep them)."""
+    return tuple(TempSensor("sim", "bench", f"core{c}", f"Core {c}", "core", "") for c in range(n_cpus))
+
 
 def observation(n_cpus: int, n_threads: int, time_s: float, rng: np.random.Generator) -> Observation:
+    """Temperatures 45-85 °C, every sensor reporting an 80 °C maximum."""
     everything = frozenset(range(n_cpus))
     cpus = {}
-    for c in range(n_cpus):
-        sensor = TempSensor("sim", "bench", f"core{c}", f"Core {c}", "core", "")
+    readings = []
+    for c, sensor in enumerate(sensors(n_cpus)):
         temp = CpuTemp(c, float(rng.uniform(45, 85)), sensor, "simulated per-core sensor")
+        readings.append(TempReading(sensor, temp.temp_c, max_c=MAX_C))
         cpus[c] = CpuState(c, temp, int(rng.integers(10, 41)) * 100_000, 4_000_000, 1_000_000, 4_000_000)
     threads = {}
     for i in range(n_threads):
@@ -55,7 +67,7 @@ def observation(n_cpus: int, n_threads: int, time_s: float, rng: np.random.Gener
         }
         aff = frozenset({i % n_cpus}) if i % 8 == 0 else everything
         threads[tid] = ThreadSample(ThreadRef(1000, tid, 5), f"w{i}", i % n_cpus, aff, counters)
-    return Observation(time_s=time_s, cpus=cpus, threads=threads)
+    return Observation(time_s=time_s, cpus=cpus, threads=threads, sensors=tuple(readings))
 
 
 def timed(fn, repeat: int) -> tuple[float, float]:

@@ -65,15 +65,18 @@ def run_scenario(scenario: Scenario, policy: Policy | PolicyFactory,
 
     ``policy`` is a Policy, or a factory called with the run's SimPlatform for policies
     that need it (the oracle). With ``shield`` every decision passes the daemon's safety
-    shield (default configuration, limits from the simulated sensors) before it is
-    applied, as it would in ``ailfmd``.
+    shield before it is applied, as it would in ``ailfmd``: its default configuration
+    with the chip's DTM threshold and critical temperature as its limits.
     """
     sc = scenario
     platform = SimPlatform(sc.chip, sc.workload, sc.seed, tick_s=sc.tick_s, duration_s=sc.duration_s)
     if not isinstance(policy, Policy):
         policy = policy(platform)
     configure_for_chip(policy, sc.chip)
-    guard = SafetyShield(ShieldConfig(), platform.topology()) if shield else None
+    # The chip's DTM is the operator's limit here (the sensors report it as their maximum).
+    dtm = sc.chip.dtm
+    guard = (SafetyShield(ShieldConfig(limit_c=dtm.threshold_c, critical_c=dtm.critical_c), platform.topology())
+             if shield else None)
     # Whole ticks only: the epoch is rounded to ticks, the last epoch may be shorter.
     epoch_ticks = max(1, round(sc.epoch_s / sc.tick_s))
     total_ticks = max(1, round(sc.duration_s / sc.tick_s))

@@ -21,14 +21,19 @@ from typing import Any
 
 from ailfmd.sim.kernels import Kernel
 
-FEATURE_SCHEMA = "ailfmd.features/1"
+FEATURE_SCHEMA = "ailfmd.features/2"
 
 # --------------------------------------------------------------------------- constants
 
-# Temperatures: (t - TEMP_REF_C) / TEMP_SCALE_C, so 0 = ambient of the simulated chips
-# (HotSniper's 45 °C) and 1 = their DTM threshold (80 °C).
-TEMP_REF_C = 45.0
+# Temperatures are measured from each CPU's thermal limit: (t - (limit - TEMP_SCALE_C)) /
+# TEMP_SCALE_C, so 1 = at the limit and 0 = TEMP_SCALE_C below it. The limit is the one
+# the safety shield protects (the sensor's own maximum, or the configured limit where
+# lower); the simulated chips' is their DTM threshold, 80 °C, which puts 0 at their 45 °C
+# ambient (HotSniper's). A policy trained there then reads a machine whose limit is 95 °C
+# by its headroom, not as 15 °C too hot (schema 1 used a fixed 45 / 80 °C scale).
 TEMP_SCALE_C = 35.0
+# The limit assumed for a CPU when neither its sensor nor the configuration gives one.
+DEFAULT_LIMIT_C = 80.0
 # Slopes: °C/s divided by this. Thin 3D dies move tens of °C/s under a load step.
 SLOPE_SCALE_C_PER_S = 10.0
 # Per-thread rates.
@@ -66,7 +71,8 @@ class FeatureSpec:
 
 
 def _temp(name: str, what: str, mask: str) -> FeatureSpec:
-    return FeatureSpec(name, "degC", f"(t - {TEMP_REF_C}) / {TEMP_SCALE_C}", what, mask, 0.0)
+    return FeatureSpec(name, "degC", f"(t - (limit - {TEMP_SCALE_C})) / {TEMP_SCALE_C}, limit = the "
+                       f"CPU's thermal limit (default {DEFAULT_LIMIT_C})", what, mask, 0.0)
 
 
 CORE_FEATURES: tuple[FeatureSpec, ...] = (
@@ -74,8 +80,9 @@ CORE_FEATURES: tuple[FeatureSpec, ...] = (
           "temp_missing"),
     FeatureSpec("temp_slope", "degC/s", f"dT/dt / {SLOPE_SCALE_C_PER_S}",
                 "temperature change since the previous observation per second", "temp_slope_missing"),
-    _temp("neighbour_temp", "mean temperature of the CPU's neighbours that report one "
-          "(sim: mesh and vertical neighbours; Linux: SMT siblings and CPUs sharing L2/L3)",
+    _temp("neighbour_temp", "mean of the normalised temperatures (each from its own CPU's limit) of "
+          "the CPU's neighbours that report one (sim: mesh and vertical neighbours; Linux: SMT "
+          "siblings and CPUs sharing L2/L3)",
           "neighbour_temp_missing"),
     FeatureSpec("sink_distance", "layers", "layer / (n_layers - 1); 0 on a single-layer chip",
                 "distance from the heat sink (0 = bonded to the spreader); real machines do "
@@ -174,7 +181,7 @@ def describe_schema() -> dict[str, Any]:
                  "row_order": "thread-major: row = thread_index * n_cpus + cpu_index"},
         "kernel_classes": [k.key for k in KERNEL_CLASSES],
         "constants": {
-            "TEMP_REF_C": TEMP_REF_C, "TEMP_SCALE_C": TEMP_SCALE_C,
+            "TEMP_SCALE_C": TEMP_SCALE_C, "DEFAULT_LIMIT_C": DEFAULT_LIMIT_C,
             "SLOPE_SCALE_C_PER_S": SLOPE_SCALE_C_PER_S, "IPC_SCALE": IPC_SCALE,
             "MPKI_SCALE": MPKI_SCALE, "THREADS_SCALE": THREADS_SCALE,
             "PAGE_FAULT_SCALE_PER_S": PAGE_FAULT_SCALE_PER_S,

@@ -11,6 +11,10 @@ float32 arrays laid out by :mod:`ailfmd.policy.feature_schema`:
 - ``pair_matrix()[n_threads * n_cpus, len(PAIR_COLUMNS)]``, thread-major, for a model
   that scores (thread, CPU) placements.
 
+Temperatures are read against each CPU's thermal limit (:func:`cpu_limits_c`): the
+sensor's own maximum, lowered to the configured limit where one is given, so that a
+policy trained on a simulated 80 °C chip reads a real machine by its headroom.
+
 What a platform cannot measure goes to the mask columns with the documented default in
 the value column; nothing missing is passed off as a measured zero. Everything is
 vectorised numpy: the per-decision Python work is one pass over CPUs and threads.
@@ -51,6 +55,8 @@ _COUNTERS = ("instructions", "cycles", "llc_references", "llc_misses",
              "stalled_cycles_backend", "run_ns", "wait_ns", "page_faults", "cpu_migrations")
 _NO_CPU = (None, None, None, None)
 _SAMPLE_PARTS = attrgetter("counters", "last_cpu", "ref", "affinity")
+_SENSOR_LIMIT = attrgetter("sensor", "max_c")
+_MAX_C = attrgetter("max_c")
 _MAX_IPC, _MAX_PKI = 8.0, 1000.0  # clip absurd ratios from scaled perf counts
 
 
@@ -158,6 +164,8 @@ class FeatureSet:
     # Each CPU's cap in effect in kHz (NaN: unknown or not in the observation), to tell
     # which caps a decision changes.
     cap_khz: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
+    # Each CPU's thermal limit in °C (what its temperature columns are measured from).
+    limit_c: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
 
     core_columns = CORE_COLUMNS
     thread_columns = THREAD_COLUMNS
@@ -281,11 +289,31 @@ _KERNEL_VALUES = np.array([int(k) for k in fsch.KERNEL_CLASSES])
 assert all(_T[f"kernel_{k.key}"] == _KERNEL_COL0 + i for i, k in enumerate(fsch.KERNEL_CLASSES))
 
 
-class FeatureExtractor:
-    """Features of one machine. ``noc`` (a chip's ``NocSpec``) sets the simulated hop costs."""
+def cpu_limits_c(obs: Observation, cpus: tuple[int, ...], limit_c: float | None = None) -> np.ndarray:
+    """Each CPU's thermal limit in °C, in ``cpus`` order, as the safety shield takes it:
+    the maximum reported by the sensor its temperature comes from, lowered to ``limit_c``
+    (the configured limit) where given; ``limit_c``, else ``DEFAULT_LIMIT_C``, for a CPU
+    whose sensor reports no maximum (or that has no sensor)."""
+    fallback = fsch.DEFAULT_LIMIT_C if limit_c is None else float(limit_c)
+    maxima = {(r.sensor.chip, r.sensor.sensor): r.max_c for r in obs.sensors if r.max_c is not None}
+    out = np.full(len(cpus), fallback)
+    for i, cpu in enumerate(cpus):
+        st = obs.cpus.get(cpu)
+        src = st.temp.source if st is not None else None
+        max_c = maxima.get((src.chip, src.sensor)) if src is not None else None
+        if max_c is not None:
+            out[i] = max_c if limit_c is None else min(max_c, fallback)
+    return out
 
-    def __init__(self, topology: Topology, noc: object | None = None) -> None:
+
+class FeatureExtractor:
+    """Features of one machine. ``noc`` (a chip's ``NocSpec``) sets the simulated hop costs;
+    ``limit_c`` is the configured thermal limit (:func:`cpu_limits_c`; None: the sensors'
+    own maxima, else ``DEFAULT_LIMIT_C``)."""
+
+    def __init__(self, topology: Topology, noc: object | None = None, limit_c: float | None = None) -> None:
         self.topology = topology
+        self.limit_c = limit_c
         self.cpus: tuple[int, ...] = topology.online_cpus
         self.n_cpus = n = len(self.cpus)
         self.index: dict[int, int] = {c: i for i, c in enumerate(self.cpus)}
@@ -318,6 +346,11 @@ class FeatureExtractor:
         self._aff_rows: dict[frozenset[int], np.ndarray] = {}
         self._pin_rows: dict[frozenset[int], int] = {}
         self._getters: dict[tuple[str, ...], tuple[np.ndarray, Callable]] = {}
+        # (sensors' (sensor, max) pairs, each CPU's temperature source) -> limits, and the
+        # limits' offset (limit - TEMP_SCALE_C) that the temperature columns subtract.
+        self._limits: tuple[list, list, np.ndarray, np.ndarray] | None = None
+        fallback = np.full(n, fsch.DEFAULT_LIMIT_C if limit_c is None else float(limit_c))
+        self._no_maxima = (fallback, fallback - fsch.TEMP_SCALE_C)  # no sensor reports one
 
     # ------------------------------------------------------------------ extraction
 
@@ -332,6 +365,7 @@ class FeatureExtractor:
         if epoch_s is None and dt_s is not None and dt_s > 0:
             epoch_s = dt_s
         cpu_raw = self._cpu_raw(obs)
+        limit_c, temp_zero_c = self._limits_c(obs)
         prev_temps = None
         if prev is not None:
             last = self._last
@@ -347,11 +381,12 @@ class FeatureExtractor:
         last_idx = np.fromiter(map(self.index.get, last_cpus, repeat(-1)), dtype=np.intp, count=len(tids))
 
         thread, kernel = self._thread_features(raw, epoch_s)
-        core = self._core_features(cpu_raw, prev_temps, dt_s, thread, last_idx, epoch_s)
+        core = self._core_features(cpu_raw, temp_zero_c, prev_temps, dt_s, thread, last_idx, epoch_s)
         return FeatureSet(
             cpus=self.cpus, tids=tids, refs=refs,
             core_features=core, thread_features=thread, kernel_class=kernel, epoch_s=epoch_s,
-            last_cpu_index=last_idx, _affinities=affinities, _extractor=self, cap_khz=cpu_raw[:, 2])
+            last_cpu_index=last_idx, _affinities=affinities, _extractor=self, cap_khz=cpu_raw[:, 2],
+            limit_c=limit_c)
 
     def _cpu_raw(self, obs: Observation) -> np.ndarray:
         """[n, 4]: temp_c, freq_khz, cap_khz, hw_max_khz; NaN where unknown."""
@@ -359,6 +394,22 @@ class FeatureExtractor:
         flat = [v for s in map(get, self.cpus)
                 for v in ((s.temp.temp_c, s.freq_khz, s.cap_khz, s.hw_max_khz) if s is not None else _NO_CPU)]
         return np.array(flat, dtype=float).reshape(self.n_cpus, 4)
+
+    def _limits_c(self, obs: Observation) -> tuple[np.ndarray, np.ndarray]:
+        """(each CPU's limit, limit - TEMP_SCALE_C), kept until a sensor's maximum or a
+        CPU's temperature source changes (sensors' maxima are read once at discovery, and
+        platforms keep their sensor records, so the comparison is by identity)."""
+        readings = obs.sensors
+        if list(map(_MAX_C, readings)).count(None) == len(readings):
+            return self._no_maxima
+        sensors = list(map(_SENSOR_LIMIT, readings))
+        get = obs.cpus.get
+        sources = [s.temp.source if s is not None else None for s in map(get, self.cpus)]
+        cached = self._limits
+        if cached is None or cached[0] != sensors or cached[1] != sources:
+            limits = cpu_limits_c(obs, self.cpus, self.limit_c)
+            cached = self._limits = (sensors, sources, limits, limits - fsch.TEMP_SCALE_C)
+        return cached[2], cached[3]
 
     def _counters(self, dicts: tuple[Mapping[str, float], ...]) -> np.ndarray:
         """[m, len(_COUNTERS)] counter deltas, NaN where a thread's sample lacks one."""
@@ -385,8 +436,9 @@ class FeatureExtractor:
             raw[:] = np.array([[d.get(k, np.nan) for k in _COUNTERS] for d in dicts], dtype=float)
         return raw
 
-    def _core_features(self, cpu_raw: np.ndarray, prev_temps: np.ndarray | None, dt_s: float | None,
-                       thread: np.ndarray, last_idx: np.ndarray, epoch_s: float | None) -> np.ndarray:
+    def _core_features(self, cpu_raw: np.ndarray, temp_zero_c: np.ndarray, prev_temps: np.ndarray | None,
+                       dt_s: float | None, thread: np.ndarray, last_idx: np.ndarray,
+                       epoch_s: float | None) -> np.ndarray:
         n = self.n_cpus
         # Columns follow _CORE_MEASURED; the topology's columns come from the templates.
         vals = self._vals_template.copy()
@@ -394,7 +446,7 @@ class FeatureExtractor:
         temp, freq_khz, cap_khz, hw_max = cpu_raw.T
         with np.errstate(invalid="ignore", divide="ignore"):
             t_norm = vals[:, 0]
-            np.multiply(temp - fsch.TEMP_REF_C, 1.0 / fsch.TEMP_SCALE_C, out=t_norm)
+            np.multiply(temp - temp_zero_c, 1.0 / fsch.TEMP_SCALE_C, out=t_norm)
             # Boolean results are assigned, never written through out=: numpy 2.4's
             # isfinite writes wrong values into a strided boolean out array.
             have_t = np.isfinite(t_norm)
@@ -534,10 +586,11 @@ def _domain_neighbours(topology: Topology, cpus: tuple[int, ...]) -> tuple[np.nd
 
 
 def extract_features(obs: Observation, topology: Topology, prev: Observation | None = None,
-                     noc: object | None = None, epoch_s: float | None = None) -> FeatureSet:
+                     noc: object | None = None, epoch_s: float | None = None,
+                     limit_c: float | None = None) -> FeatureSet:
     """One-shot :meth:`FeatureExtractor.extract` (builds the extractor: slow, for tools)."""
-    return FeatureExtractor(topology, noc).extract(obs, prev, epoch_s)
+    return FeatureExtractor(topology, noc, limit_c).extract(obs, prev, epoch_s)
 
 
-__all__ = ["FEATURE_SCHEMA", "FeatureExtractor", "FeatureSet", "build_pair_matrix", "build_pair_own", "extract_features",
-           "infer_kernel_class"]
+__all__ = ["FEATURE_SCHEMA", "FeatureExtractor", "FeatureSet", "build_pair_matrix", "build_pair_own", "cpu_limits_c",
+           "extract_features", "infer_kernel_class"]

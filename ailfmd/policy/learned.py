@@ -49,7 +49,6 @@ from ailfmd.policy.feature_schema import (
     PAIR_COLUMNS,
     PAIR_OWN_COLUMNS,
     SLOPE_SCALE_C_PER_S,
-    TEMP_REF_C,
     TEMP_SCALE_C,
     THREAD_COLUMNS,
 )
@@ -443,23 +442,22 @@ def group_caps(cap_frac: np.ndarray, core: np.ndarray, grouping: str) -> np.ndar
 
 
 class CapGuard:
-    """Makes the model's caps safe near each sensor's maximum (stateful: one per policy).
+    """Makes the model's caps safe near each CPU's limit (stateful: one per policy).
 
     The model imitates a teacher that looks ahead, and a thin die heats by several °C per
     epoch: half a V/f step of regression error near the limit, or a cap raised fully the
-    epoch after a hot CPU was cut, is enough to cross it. So, per CPU whose sensor reports
-    a maximum ``max_c``, with ``ahead`` = temperature + its rise over one more epoch at
-    the current slope:
+    epoch after a hot CPU was cut, is enough to cross it. So, per CPU with its limit
+    ``limit`` (the features' ``limit_c``: its sensor's maximum, or the configured limit),
+    with ``ahead`` = temperature + its rise over one more epoch at the current slope:
 
-    - ``ahead >= max_c - guard_c``: one ladder step below the lower of the model's cap
+    - ``ahead >= limit - guard_c``: one ladder step below the lower of the model's cap
       and the current frequency (the CPU then counts as *recovering*);
-    - a recovering CPU, or one with ``ahead >= max_c - release_band_c``, may rise at most
+    - a recovering CPU, or one with ``ahead >= limit - release_band_c``, may rise at most
       one ladder step per epoch; recovery ends once the model's cap is within reach.
 
     Without the recovery rule a cut CPU cools below the band within one epoch, the model
     sees a cool core and asks for full speed, and the core is over the limit again
-    (bang-bang every other epoch). CPUs without a maximum are left to the model (and, in
-    the daemon, to the shield).
+    (bang-bang every other epoch).
     """
 
     def __init__(self, guard_c: float, release_band_c: float, release_steps: int = 1) -> None:
@@ -470,32 +468,32 @@ class CapGuard:
         self._asc: dict[int, tuple[list[int], list[int]]] = {}
 
     def apply(self, obs: Observation, cpus: tuple[int, ...], caps_khz: dict[int, int], core: np.ndarray,
-              epoch_s: float | None, ladders: dict[int, list[int]] | None = None) -> dict[int, str]:
+              limit_c: np.ndarray, epoch_s: float | None,
+              ladders: dict[int, list[int]] | None = None) -> dict[int, str]:
         """Lower ``caps_khz`` in place; returns why, for each CPU whose cap is now below the
-        model's. ``ladders`` (CPU -> frequencies, top down) defaults to the observation's."""
-        maxima = [r.max_c for r in obs.sensors if r.max_c is not None]
-        if not maxima or not len(cpus):
+        model's. ``core`` and ``limit_c`` are the feature set's (rows in ``cpus`` order);
+        ``ladders`` (CPU -> frequencies, top down) defaults to the observation's."""
+        if not len(cpus):
             self.recovering.clear()
             return {}
-        temp_c = core[:, _CI["temp"]] * TEMP_SCALE_C + TEMP_REF_C
+        # Back from the normalised column to °C, in float32 like the column itself.
+        temp_c = core[:, _CI["temp"]] * TEMP_SCALE_C + (limit_c - TEMP_SCALE_C).astype(np.float32)
         rise_c = np.maximum(core[:, _CI["temp_slope"]], 0.0) * SLOPE_SCALE_C_PER_S * (epoch_s or 0.0)
         ahead_c = np.where(core[:, _CI["temp_missing"]] < 0.5, temp_c + rise_c, -np.inf)
-        near = ahead_c >= min(maxima) - self.release_band_c
+        near = ahead_c >= limit_c - self.release_band_c
         index = {c: i for i, c in enumerate(cpus)}
         flagged = sorted(set(np.flatnonzero(near).tolist()) |
                          {index[c] for c in self.recovering if c in index})
         if not flagged:
             return {}
-        limits = {(r.sensor.chip, r.sensor.sensor): r.max_c for r in obs.sensors if r.max_c is not None}
         ladders = ladders_khz(obs) if ladders is None else ladders
         lowered: dict[int, str] = {}
         for i in flagged:
             cpu = cpus[i]
             st = obs.cpus.get(cpu)
-            src = st.temp.source if st is not None else None
-            limit = limits.get((src.chip, src.sensor)) if src is not None else None
+            limit = float(limit_c[i])
             ladder = ladders.get(cpu)
-            if st is None or limit is None or not ladder:
+            if st is None or not ladder:
                 self.recovering.discard(cpu)
                 continue
             asc = self._ascending(ladder)
@@ -522,10 +520,10 @@ class CapGuard:
                 # are left as the model said).
                 if cut:
                     lowered[cpu] = (f"{ahead_c[i]:.1f} C expected next epoch, within {self.guard_c:g} C of the "
-                                    f"{limit:g} C maximum: one step below {now // 1000} MHz")
+                                    f"{limit:g} C limit: one step below {now // 1000} MHz")
                 else:
                     where = ("recovering from a cut" if recovering
-                             else f"within {self.release_band_c:g} C of the {limit:g} C maximum")
+                             else f"within {self.release_band_c:g} C of the {limit:g} C limit")
                     lowered[cpu] = f"{where}: at most {self.release_steps} step(s) up per epoch"
         return lowered
 

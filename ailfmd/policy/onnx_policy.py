@@ -144,15 +144,19 @@ class OnnxPolicy:
 
     ``service`` decides the ownership rule (default: :func:`running_as_service`);
     ``threads`` is onnxruntime's intra-op thread count (one: a decision is tiny and the
-    daemon must not compete with the inference server it protects).
+    daemon must not compete with the inference server it protects). ``limit_c`` is the
+    configured thermal limit the features and the guard measure temperatures from, where
+    it is below a sensor's own maximum (None: the sensors' maxima alone;
+    :func:`ailfmd.policy.features.cpu_limits_c`).
     """
 
     def __init__(self, path: str | os.PathLike, *, service: bool | None = None, threads: int = 1,
                  guard_c: float | None = DEFAULT_GUARD_C, release_band_c: float = DEFAULT_RELEASE_BAND_C,
                  release_steps: int = DEFAULT_RELEASE_STEPS,
                  cap_grouping: str | None = None, carry: bool = True,
-                 move_threshold: float | None = None) -> None:
+                 move_threshold: float | None = None, limit_c: float | None = None) -> None:
         self.path = str(Path(path))
+        self.limit_c = limit_c
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -206,7 +210,7 @@ class OnnxPolicy:
         return CapGuard(self.guard_c, self.release_band_c, self.release_steps) if self.guard_c is not None else None
 
     def reset(self, topology: Topology, capabilities: Capabilities) -> None:
-        self._extractor = FeatureExtractor(topology)
+        self._extractor = FeatureExtractor(topology, limit_c=self.limit_c)
         self._dies = None
         self._prev = None
         self._caps = CapDecoder()
@@ -264,7 +268,7 @@ class OnnxPolicy:
         # The guard and the carried caps work on CPU -> kHz and change a few entries.
         by_cpu = self._caps.as_dict(fs.cpus, rows_khz)
         ladders = self._caps.ladders
-        guarded = (self._guard.apply(obs, fs.cpus, by_cpu, fs.core_features, fs.epoch_s, ladders)
+        guarded = (self._guard.apply(obs, fs.cpus, by_cpu, fs.core_features, fs.limit_c, fs.epoch_s, ladders)
                    if self._guard is not None else {})
         if self.carry:
             guarded.update(carry_caps(obs, fs.cpus, by_cpu, fs.last_cpu_index, choice, ladders))

@@ -115,7 +115,7 @@ class Daemon:
         self._poll: tuple[select.poll, int] | None = None
 
     def _load_policy(self, cfg: DaemonConfig) -> LoadedPolicy:
-        loaded = load_policy(cfg.policy)
+        loaded = load_policy(cfg.policy, limit_c=cfg.safety.limit_c)
         chip = getattr(self.platform, "chip", None)  # the simulated chip's model, if any
         if chip is not None:
             for p in (loaded.policy, loaded.fallback):

@@ -51,22 +51,24 @@ def _baseline(settings: PolicySettings, key: str, name: str) -> Policy:
         raise ConfigError("config", f"policy.{key}", name, f"no such baseline; known: {', '.join(baseline_names())}") from None
 
 
-def _load_onnx(settings: PolicySettings) -> tuple[Policy, str | None]:
+def _load_onnx(settings: PolicySettings, limit_c: float | None) -> tuple[Policy, str | None]:
     """(policy, feature schema) or an UnavailablePolicy saying why."""
     from ailfmd.policy.onnx_policy import OnnxPolicy  # refuses (AilfmError) without onnxruntime
 
     path = str(settings.path)
     try:
-        pol = OnnxPolicy(path)
+        pol = OnnxPolicy(path, limit_c=limit_c)
     except (AilfmError, OSError) as e:
         return UnavailablePolicy("onnx", f"cannot load {path}: {e}"), None
     return pol, getattr(pol, "feature_schema", None)
 
 
-def load_policy(settings: PolicySettings) -> LoadedPolicy:
+def load_policy(settings: PolicySettings, limit_c: float | None = None) -> LoadedPolicy:
+    """The configured policy and its fallback. ``limit_c`` (``[safety] limit_c``) is the
+    limit a learned policy measures temperatures from where sensors report a higher one."""
     fallback = _baseline(settings, "fallback", settings.fallback)
     if settings.kind == "baseline":
         pol = _baseline(settings, "baseline", settings.baseline)
         return LoadedPolicy(pol, fallback, PolicyInfo(pol.name, "baseline", None, None, fallback.name))
-    pol, schema = _load_onnx(settings)
+    pol, schema = _load_onnx(settings, limit_c)
     return LoadedPolicy(pol, fallback, PolicyInfo(pol.name, "onnx", str(settings.path), schema, fallback.name))

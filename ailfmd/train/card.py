@@ -156,13 +156,15 @@ def render_model_card(config: Any, rounds: list[dict[str, Any]], summary: dict[s
         "## Limits",
         "",
         *_measured_limits(summary, pols.get("dagger")),
-        "- Trained on the simulator only. On real machines the temperature features are "
-        "normalised to the simulated chips' 45/80 °C, and die-stack and cache-distance features "
-        "are missing (masked); the daemon's safety shield stays in charge of the limits.",
+        "- Trained on the simulator only, on chips whose DTM threshold is 80 °C. Temperatures "
+        "are read as headroom to each CPU's limit (the sensor's maximum or `[safety] limit_c`), "
+        "so a machine with another limit is read by its distance to it; die-stack and "
+        "cache-distance features are missing (masked) on real machines. The daemon's safety "
+        "shield stays in charge of the limits.",
         f"- {len(config.eval_seeds)} evaluation seed(s) per scenario: differences of a few per "
         "cent in one scenario are within seed noise; every run is in evaluation.json.",
         "- It cannot see requests coming; the oracle can (its look-ahead simulates the arrivals). "
-        "Its guard near each sensor's maximum (docs/learned-policy.md) keeps it close to, not "
+        "Its guard near each CPU's limit (docs/learned-policy.md) keeps it close to, not "
         "always below, DTM. The daemon always runs it behind the safety shield.",
         "",
     ]

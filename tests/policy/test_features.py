@@ -81,7 +81,7 @@ def sim_features(chip_name: str = "tiny", epochs: int = 4) -> tuple[SimPlatform,
 
 def test_schema_json_describes_every_column() -> None:
     d = json.loads(schema_json())
-    assert d["schema"] == FEATURE_SCHEMA == "ailfmd.features/1"
+    assert d["schema"] == FEATURE_SCHEMA == "ailfmd.features/2"
     assert d["core"]["columns"] == list(CORE_COLUMNS)
     assert d["thread"]["columns"] == list(THREAD_COLUMNS)
     assert d["pair"]["all_columns"] == list(PAIR_COLUMNS)
@@ -105,7 +105,10 @@ def test_sim_schema_and_values() -> None:
     # The simulator measures everything the core block asks for.
     assert (core[:, [i for n, i in C.items() if n.endswith("_missing")]] == 0).all()
     temps = np.array([obs.cpus[c].temp.temp_c for c in fs.cpus])
-    np.testing.assert_allclose(core[:, C["temp"]], (temps - fsch.TEMP_REF_C) / fsch.TEMP_SCALE_C, rtol=1e-6)
+    # The simulated sensors report the chip's DTM threshold as their maximum: the limit.
+    assert fs.limit_c.tolist() == [80.0] * len(fs.cpus)
+    np.testing.assert_allclose(core[:, C["temp"]], (temps - (80.0 - fsch.TEMP_SCALE_C)) / fsch.TEMP_SCALE_C,
+                               rtol=1e-6)
     caps = np.array([obs.cpus[c].cap_khz / obs.cpus[c].hw_max_khz for c in fs.cpus])
     np.testing.assert_allclose(core[:, C["cap"]], caps, rtol=1e-6)
     # tiny: layer 0 at the sink, layer 1 farthest.
@@ -143,7 +146,8 @@ def test_sim_neighbours_follow_positions() -> None:
     temps = {c: 50.0 + c for c in range(chip.n_cores)}
     fs = ext.extract(hand_obs(1.0, temps, {}))
     got = fs.core_features[centre, C["neighbour_temp"]]
-    assert got == pytest.approx((np.mean([temps[c] for c in want]) - fsch.TEMP_REF_C) / fsch.TEMP_SCALE_C, rel=1e-6)
+    zero_c = fsch.DEFAULT_LIMIT_C - fsch.TEMP_SCALE_C  # no sensor reports a maximum here
+    assert got == pytest.approx((np.mean([temps[c] for c in want]) - zero_c) / fsch.TEMP_SCALE_C, rel=1e-6)
     # Relative LLC latency is noc.mean_llc_latency_cycles / its minimum - 1.
     fp, noc = chip.floorplan, chip.noc
     lat = mean_llc_latency_cycles(fp.layers, fp.rows, fp.cols, noc.hop_horizontal_cycles,
@@ -199,6 +203,22 @@ def test_linux_same_schema_and_masks(machine: str, machine_sys, tmp_path: Path) 
             assert th[i, T["utilisation_missing"]] == 0
     # The first observation has no run-time deltas yet (schedstat needs two reads).
     assert (f1.thread_features[:, T["utilisation_missing"]] == 1).all()
+    # Temperatures are read from each CPU's limit: the sensor's maximum (coretemp's
+    # tempN_max, 86 °C in this tree), lowered to a configured limit below it; a
+    # configured limit above it does not raise it. Without sensors: the configured limit,
+    # else the default.
+    sensor_max_c = 86.0 if machine == "xeon-2s-ht" else None
+    temps = np.array([o2.cpus[c].temp.temp_c or math.nan for c in f2.cpus])
+    for configured, want_c in ((None, sensor_max_c or fsch.DEFAULT_LIMIT_C), (80.0, 80.0),
+                               (95.0, sensor_max_c or 95.0)):
+        fs = FeatureExtractor(plat.topology(), limit_c=configured).extract(o2, o1)
+        assert fs.limit_c.tolist() == [want_c] * len(fs.cpus), configured
+        if sensor_max_c is not None:
+            np.testing.assert_allclose(fs.core_features[:, C["temp"]],
+                                       (temps - (want_c - fsch.TEMP_SCALE_C)) / fsch.TEMP_SCALE_C, rtol=1e-6)
+        # Everything else is the same, whatever the limit.
+        other = [i for n, i in C.items() if n not in ("temp", "neighbour_temp")]
+        assert (fs.core_features[:, other] == core[:, other]).all()
 
 
 def test_linux_neighbours_and_distances_from_shared_caches() -> None:

@@ -179,12 +179,14 @@ def test_group_caps_gives_one_cap_per_die() -> None:
     assert group_caps(frac, core, "die-min").tolist() == pytest.approx([0.5] * 3 + [0.2] * 3)
 
 
-def _hot_observation(temp_c: float, slope_c_per_s: float, cap_khz: int, freq_khz: int):
-    """A simulated observation with CPU 0 forced to ``temp_c`` (and a slope via prev)."""
+def _hot_observation(temp_c: float, slope_c_per_s: float, cap_khz: int, freq_khz: int,
+                     limit_c: float | None = None):
+    """A simulated observation with CPU 0 forced to ``temp_c`` (and a slope via prev);
+    ``limit_c``: the configured limit the features are built with."""
     from dataclasses import replace
 
     plat, obs = _observation()
-    ext = FeatureExtractor(plat.topology())
+    ext = FeatureExtractor(plat.topology(), limit_c=limit_c)
     st = obs.cpus[0]
     prev_cpus = dict(obs.cpus)
     prev_cpus[0] = replace(st, temp=replace(st.temp, temp_c=temp_c - slope_c_per_s * 0.1))
@@ -196,23 +198,40 @@ def _hot_observation(temp_c: float, slope_c_per_s: float, cap_khz: int, freq_khz
     return plat, now, ext.extract(now, prev)
 
 
-def test_guard_steps_down_near_the_sensor_maximum() -> None:
+def test_guard_steps_down_near_the_limit() -> None:
     plat, obs, fs = _hot_observation(temp_c=79.0, slope_c_per_s=0.0, cap_khz=4_000_000, freq_khz=3_000_000)
     ladder = sorted(int(f) for f in plat.engine.levels.freq_khz)
     limit = next(r.max_c for r in obs.sensors if r.sensor == obs.cpus[0].temp.source)
     assert limit == pytest.approx(80.0)
     caps = {c: ladder[-1] for c in fs.cpus}
-    lowered = CapGuard(2.0, 10.0).apply(obs, fs.cpus, caps, fs.core_features, 0.1)
+    lowered = CapGuard(2.0, 10.0).apply(obs, fs.cpus, caps, fs.core_features, fs.limit_c, 0.1)
     # One step below the current 3 GHz (lower than the model's 4 GHz).
-    assert list(lowered) == [0] and "within 2 C of the 80 C maximum" in lowered[0] and caps[0] == max(f for f in ladder if f < 3_000_000)
+    assert list(lowered) == [0] and "within 2 C of the 80 C limit" in lowered[0] and caps[0] == max(f for f in ladder if f < 3_000_000)
     assert all(caps[c] == ladder[-1] for c in fs.cpus[1:] if obs.cpus[c].temp.temp_c < 70.0)
+
+
+def test_guard_works_at_a_configured_limit_below_the_sensors() -> None:
+    # 74 °C is 6 °C below the sensors' 80 °C maximum: only the release band, nothing cut.
+    # With the configured limit at 75 °C it is within the 2 °C guard: one step down.
+    for limit_c, cut in ((None, False), (75.0, True)):
+        plat, obs, fs = _hot_observation(temp_c=74.0, slope_c_per_s=0.0, cap_khz=3_000_000,
+                                         freq_khz=3_000_000, limit_c=limit_c)
+        ladder = sorted(int(f) for f in plat.engine.levels.freq_khz)
+        caps = {c: 3_000_000 for c in fs.cpus}
+        lowered = CapGuard(2.0, 10.0).apply(obs, fs.cpus, caps, fs.core_features, fs.limit_c, 0.1)
+        assert fs.limit_c[0] == (limit_c or 80.0)
+        if cut:
+            assert "within 2 C of the 75 C limit" in lowered[0]
+            assert caps[0] == max(f for f in ladder if f < 3_000_000)
+        else:
+            assert 0 not in lowered and caps[0] == 3_000_000
 
 
 def test_guard_sees_a_fast_rise_coming() -> None:
     # 74 °C rising at 40 °C/s: 78 °C after one more epoch, inside the 2 °C guard.
     plat, obs, fs = _hot_observation(temp_c=74.0, slope_c_per_s=40.0, cap_khz=2_000_000, freq_khz=2_000_000)
     caps = {c: 4_000_000 for c in fs.cpus}
-    CapGuard(2.0, 10.0).apply(obs, fs.cpus, caps, fs.core_features, 0.1)
+    CapGuard(2.0, 10.0).apply(obs, fs.cpus, caps, fs.core_features, fs.limit_c, 0.1)
     assert caps[0] < 2_000_000
 
 
@@ -220,12 +239,12 @@ def test_guard_releases_one_step_at_a_time_in_the_band() -> None:
     plat, obs, fs = _hot_observation(temp_c=73.0, slope_c_per_s=0.0, cap_khz=1_000_000, freq_khz=1_000_000)
     ladder = sorted(int(f) for f in plat.engine.levels.freq_khz)
     caps = {c: ladder[-1] for c in fs.cpus}
-    CapGuard(2.0, 10.0).apply(obs, fs.cpus, caps, fs.core_features, 0.1)
+    CapGuard(2.0, 10.0).apply(obs, fs.cpus, caps, fs.core_features, fs.limit_c, 0.1)
     assert caps[0] == min(f for f in ladder if f > 1_000_000)
     # Below the band the model's cap stands.
     plat, obs, fs = _hot_observation(temp_c=60.0, slope_c_per_s=0.0, cap_khz=1_000_000, freq_khz=1_000_000)
     caps = {c: ladder[-1] for c in fs.cpus}
-    assert CapGuard(2.0, 10.0).apply(obs, fs.cpus, caps, fs.core_features, 0.1) == {}
+    assert CapGuard(2.0, 10.0).apply(obs, fs.cpus, caps, fs.core_features, fs.limit_c, 0.1) == {}
     assert caps[0] == ladder[-1]
 
 
@@ -234,18 +253,18 @@ def test_a_cut_cpu_recovers_step_by_step_even_once_cool() -> None:
     plat, obs, fs = _hot_observation(temp_c=79.5, slope_c_per_s=0.0, cap_khz=3_000_000, freq_khz=3_000_000)
     ladder = sorted(int(f) for f in plat.engine.levels.freq_khz)
     caps = {c: ladder[-1] for c in fs.cpus}
-    guard.apply(obs, fs.cpus, caps, fs.core_features, 0.1)
+    guard.apply(obs, fs.cpus, caps, fs.core_features, fs.limit_c, 0.1)
     assert caps[0] < 3_000_000 and 0 in guard.recovering
     # One epoch later it is cool (the cut worked); the model asks for full speed again.
     cut = caps[0]
     plat, obs, fs = _hot_observation(temp_c=60.0, slope_c_per_s=0.0, cap_khz=cut, freq_khz=cut)
     caps = {c: ladder[-1] for c in fs.cpus}
-    guard.apply(obs, fs.cpus, caps, fs.core_features, 0.1)
+    guard.apply(obs, fs.cpus, caps, fs.core_features, fs.limit_c, 0.1)
     assert caps[0] == sorted(f for f in ladder if f > cut)[1]  # two steps up, not a jump
     # Recovery ends once the model's own cap is within reach.
     plat, obs, fs = _hot_observation(temp_c=60.0, slope_c_per_s=0.0, cap_khz=ladder[-2], freq_khz=ladder[-2])
     caps = {c: ladder[-1] for c in fs.cpus}
-    guard.apply(obs, fs.cpus, caps, fs.core_features, 0.1)
+    guard.apply(obs, fs.cpus, caps, fs.core_features, fs.limit_c, 0.1)
     assert caps[0] == ladder[-1] and 0 not in guard.recovering
 
 

@@ -30,7 +30,7 @@ def _copy(src: Path, dst: Path) -> Path:
 def test_loads_the_trained_policy_and_decides_on_the_simulator(quick_training) -> None:
     out, _ = quick_training
     policy = OnnxPolicy(out / "policy.onnx", service=False)
-    assert policy.feature_schema == "ailfmd.features/1"
+    assert policy.feature_schema == "ailfmd.features/2"
     chip = load_chip("3d-64")  # trained on the tiny chip: the model sizes itself to any chip
     plat = SimPlatform(chip, load_workload("decode-heavy"), seed=0, duration_s=2.0)
     policy.reset(plat.topology(), plat.capabilities())
@@ -103,7 +103,7 @@ def _card_changed(trained: Path, dst: Path, updates: dict) -> Path:
 
 def test_another_feature_schema_is_refused(quick_training, tmp_path: Path) -> None:
     other = _card_changed(quick_training[0], tmp_path / "old.onnx", {"feature_schema": "ailfmd.features/0"})
-    with pytest.raises(PolicyFileError, match=r"feature schema 'ailfmd.features/0'.*ailfmd.features/1"):
+    with pytest.raises(PolicyFileError, match=r"feature schema 'ailfmd.features/0'.*ailfmd.features/2"):
         OnnxPolicy(other, service=False)
 
 
@@ -161,7 +161,7 @@ def test_the_daemon_loads_it_and_falls_back_on_a_bad_file(quick_training, tmp_pa
     good = _copy(out / "policy.onnx", tmp_path / "good.onnx")
     loaded = load_policy(PolicySettings(kind="onnx", path=good))
     assert isinstance(loaded.policy, OnnxPolicy)
-    assert loaded.info.feature_schema == "ailfmd.features/1"
+    assert loaded.info.feature_schema == "ailfmd.features/2"
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model")
     os.chmod(bad, 0o644)
@@ -260,3 +260,50 @@ def test_without_onnxruntime_the_daemon_falls_back(quick_training, tmp_path: Pat
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("UnavailablePolicy |") and "onnxruntime" in res.stdout
+
+
+def test_the_daemon_reads_temperatures_against_its_configured_limit(machine_sys, tmp_path: Path) -> None:
+    """On a fixture Xeon whose coretemp sensors report a maximum of 86 °C, the daemon's
+    learned policy measures temperatures from ``[safety] limit_c`` where that is lower,
+    from the sensors' maximum where it is higher, and follows a reload."""
+    import dataclasses
+
+    from ailfmd.service.config import DaemonConfig
+    from ailfmd.service.daemon import Daemon
+
+    shipped = _copy(Path(__file__).resolve().parents[2] / "policies" / "default.onnx", tmp_path / "p.onnx")
+    base = DaemonConfig()
+
+    def config(limit_c: float) -> DaemonConfig:
+        return dataclasses.replace(
+            base,
+            daemon=dataclasses.replace(base.daemon, run_dir=tmp_path / "run", mode="observe"),
+            platform=dataclasses.replace(base.platform, kind="linux", sysfs_root=machine_sys("xeon-2s-ht")),
+            policy=dataclasses.replace(base.policy, kind="onnx", path=shipped),
+            safety=dataclasses.replace(base.safety, limit_c=limit_c, critical_c=limit_c + 10.0),
+            metrics=dataclasses.replace(base.metrics, enabled=False),
+            control=dataclasses.replace(base.control, socket=tmp_path / "c.sock"),
+        )
+
+    d = Daemon(config(75.0), env={})
+    try:
+        policy = d.policy.policy
+        assert isinstance(policy, OnnxPolicy)
+        d.loop.tick()
+        assert d.loop.last is not None and d.loop.last.fallback is None, d.loop.last.fallback
+        obs = d.loop.last.observation
+        fs = policy.scores(obs)[0]
+        temps = np.array([obs.cpus[c].temp.temp_c for c in fs.cpus])
+        assert fs.limit_c.tolist() == [75.0] * len(fs.cpus)
+        np.testing.assert_allclose(fs.core_features[:, 0], (temps - 40.0) / 35.0, rtol=1e-6)
+        # A higher configured limit does not lift the sensors' 86 °C.
+        conf = tmp_path / "ailfmd.toml"
+        conf.write_text(f'[policy]\nkind = "onnx"\npath = "{shipped}"\n'
+                        f'[safety]\nlimit_c = 95.0\ncritical_c = 99.0\n')
+        d.reload(str(conf))
+        reloaded = d.policy.policy
+        assert isinstance(reloaded, OnnxPolicy) and reloaded is not policy
+        reloaded.reset(d.platform.topology(), d.platform.capabilities())
+        assert reloaded.scores(obs)[0].limit_c.tolist() == [86.0] * len(fs.cpus)
+    finally:
+        d.platform.close()

@@ -32,7 +32,7 @@ def test_quick_training_writes_a_policy_card_and_scores(quick_training) -> None:
     assert meta["scores"] == json.loads(json.dumps(summary["overall"]))
     assert len(meta["data"]["sha256"]) == 64 and meta["trainer"].startswith("ailfm train")
     # Units and normalisation of every input travel with the file.
-    assert meta["features"]["schema"] == "ailfmd.features/1"
+    assert meta["features"]["schema"] == "ailfmd.features/2"
     assert meta["features"]["constants"]["TEMP_SCALE_C"] == 35.0
     card = (out / "MODEL_CARD.md").read_text()
     assert "DAgger" in card and "| bc |" in card and "| dagger |" in card
