@@ -194,6 +194,7 @@ class ControlLoop:
             timings_s={"observe": t1 - t0, "decide": t2 - t1, "shield": t3 - t2, "apply": t4 - t3, "total": t4 - t0},
             limit_c=limit,
             violations=violations,
+            landing_fraction=shield.landing_fraction if shield.config.landing_caps else None,
         )
         if fallback_reason != self._last_fallback:
             # Once per change, not every epoch: a missing model would flood the journal.

@@ -30,6 +30,9 @@ class TickRecord:
     inference_s: float | None = None  # time in policy.decide
     timings_s: dict[str, float] = field(default_factory=dict)  # observe, decide, shield, apply, total
     limit_c: float | None = None  # the thermal limit the shield protects
+    # The shield's landing caps: idle CPUs capped at this fraction of their frequency
+    # range (1.0: no landing cap); None when landing caps are off.
+    landing_fraction: float | None = None
     violations: tuple[int, ...] = ()  # CPUs at or above the limit this epoch
 
     @property

@@ -176,6 +176,10 @@ def render_status(doc: Mapping[str, Any], color: bool) -> str:
         )
         if le["fallback"]:
             out.append(f"FALLBACK: {le['fallback']}")
+        landing = le.get("landing_cap_fraction")
+        if landing is not None and landing < 1.0:
+            out.append(f"landing caps: idle CPUs held at {landing:.0%} of their frequency range "
+                       "(threads waking on idle CPUs ran hot; raised again as landings stay cool)")
         for f in le["apply_failures"]:
             out.append(f"apply failed: {f['target']}: wanted {f['requested']}: {f['detail']}")
     v = doc["violations"]

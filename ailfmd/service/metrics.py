@@ -247,6 +247,10 @@ class DaemonMetrics:
                      [((m,), float(m == current)) for m in (*MODES, "paused")])
         if rec.limit_c is not None:
             yield _gauge("ailfm_thermal_limit_celsius", "The limit the safety shield protects.", [], [((), rec.limit_c)])
+        if rec.landing_fraction is not None:
+            yield _gauge("ailfm_shield_landing_cap_ratio",
+                         "Share of their frequency range idle CPUs are capped at after hot landings (1: no cap).",
+                         [], [((), rec.landing_fraction)])
         yield _gauge("ailfm_last_epoch_timestamp_seconds", "Unix time of the latest epoch.", [], [((), rec.wall_time_s)])
         yield _gauge("ailfm_epoch_phase_seconds", "Time each phase of the latest epoch took.", ["phase"],
                      [((k,), v) for k, v in sorted(rec.timings_s.items())])

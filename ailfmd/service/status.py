@@ -378,6 +378,7 @@ def status_document(
                 _outcome_dict(o) for o in record.applied.outcomes if not o.ok
             ],
             "actions": len(record.decision.reasons),
+            "landing_cap_fraction": _num(record.landing_fraction),
         }
 
     lo = info.ambient_c if info.ambient_c is not None else DEFAULT_AMBIENT_C

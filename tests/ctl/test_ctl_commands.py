@@ -74,7 +74,7 @@ def tick(epoch: int) -> TickRecord:
         epoch=epoch, time_s=float(epoch), wall_time_s=1_700_000_000.0 + epoch, mode="enforce", paused=False,
         policy_name="onnx", observation=Observation(float(epoch), cpus, threads),
         decision=Decision(Action(), (MOVE, CAP)), shield=(CAP,), applied=ApplyResult(()),
-        timings_s={"total": 0.0015}, limit_c=LIMIT_C, violations=(7,),
+        timings_s={"total": 0.0015}, limit_c=LIMIT_C, violations=(7,), landing_fraction=0.25,
     )
 
 
@@ -158,6 +158,7 @@ def test_status_json(running: tuple[Daemon, Path]) -> None:
     assert doc["heatmap"]["kind"] == ("layers" if d.topology.cpus[0].position else "packages")
     assert doc["threads"] == [{"tid": 501, "pid": 500, "comm": "llama-server", "cpus": [4, 5, 6, 7],
                                "cpu_list": "4-7", "last_cpu": 7}]
+    assert doc["last_epoch"]["landing_cap_fraction"] == 0.25
 
 
 def test_explain_json_gives_each_action_its_reason(layered: tuple[Daemon, Path]) -> None:
@@ -209,6 +210,7 @@ def test_status_draws_the_heat_map_in_plain_text(running: tuple[Daemon, Path]) -
     assert "scale: 45 C .. 80 C" in out
     assert "mode enforce" in out and "violations: CPUs 7 at/above the limit" in out
     assert "cpu 7: freq_cap by shield" in out  # recent shield interventions, with reasons
+    assert "landing caps: idle CPUs held at 25% of their frequency range" in out
     assert "llama-server" in out and "4-7" in out
 
 

@@ -113,6 +113,7 @@ def make_record(epoch: int = 0, **changes: object) -> TickRecord:
         timings_s={"observe": 0.0004, "decide": 0.0003, "shield": 0.0001, "apply": 0.0004, "total": 0.0012},
         limit_c=85.0,
         violations=(1,),
+        landing_fraction=0.5,
     )
     fields.update(changes)
     return TickRecord(**fields)  # type: ignore[arg-type]
@@ -254,6 +255,10 @@ def test_info_limit_and_thread_gauges(metrics: DaemonMetrics, registry: Collecto
         {"name": "thermal-v3", "kind": "onnx", "schema": "features/2", "path": "/etc/ailfmd/policy.onnx"}
     ]
     assert get("ailfm_thermal_limit_celsius") == 85.0
+    assert get("ailfm_shield_landing_cap_ratio") == 0.5
+    metrics.update(make_record(landing_fraction=None))  # landing caps off: no such series
+    assert get("ailfm_shield_landing_cap_ratio") is None
+    metrics.update(make_record())
     assert get("ailfm_managed_threads") == 3
     per_cpu = {s["cpu"]: get("ailfm_cpu_managed_threads", s) for s in samples(registry, "ailfm_cpu_managed_threads")}
     assert per_cpu == {"0": 0, "1": 2, "2": 1, "3": 0}
