@@ -212,10 +212,31 @@ def shipped_chips() -> tuple[str, ...]:
     return tuple(sorted(p.stem for p in CHIPS_DIR.glob("*.toml")))
 
 
+MAX_BASE_DEPTH = 4  # chips built on chips built on chips ...: enough, and no cycles
+
+
 def load_chip(name_or_path: str) -> Chip:
-    """Load a shipped chip by name (``3d-64``) or any chip file by path."""
+    """Load a shipped chip by name (``3d-64``) or any chip file by path.
+
+    A chip file may name another with ``base = "3d-64"`` (a shipped name, or a path
+    relative to the file): it is that chip with the tables and keys it sets replaced
+    (docs/chips.md), e.g. the same silicon with another DTM threshold.
+    """
+    doc, source = _read_chip(name_or_path, None, 0)
+    return _parse(Table(doc, source, style=_STYLE))
+
+
+def _chip_path(name_or_path: str, relative_to: Path | None) -> Path:
     shipped = CHIPS_DIR / f"{name_or_path}.toml"
-    path = shipped if "/" not in name_or_path and shipped.is_file() else Path(name_or_path)
+    if "/" not in name_or_path and shipped.is_file():
+        return shipped
+    path = Path(name_or_path)
+    return relative_to / path if relative_to is not None and not path.is_absolute() else path
+
+
+def _read_chip(name_or_path: str, relative_to: Path | None, depth: int) -> tuple[dict, str]:
+    """The chip document of ``name_or_path`` with its ``base`` merged in, and its source."""
+    path = _chip_path(name_or_path, relative_to)
     source = str(path)
     try:
         raw = path.read_bytes()
@@ -228,7 +249,27 @@ def load_chip(name_or_path: str) -> Chip:
         doc = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(source, "(document)", None, f"not valid TOML: {e}") from None
-    return _parse(Table(doc, source, style=_STYLE))
+    base = doc.pop("base", None)
+    if base is None:
+        return doc, source
+    if not isinstance(base, str) or not base:
+        raise ConfigError(source, "base", base, "must be the name or path of another chip file")
+    if depth >= MAX_BASE_DEPTH:
+        raise ConfigError(source, "base", base, f"chips may build on at most {MAX_BASE_DEPTH} others "
+                                                f"(a cycle of bases?)")
+    parent, _ = _read_chip(base, path.parent, depth + 1)
+    return _merged(parent, doc), source
+
+
+def _merged(base: dict, over: dict) -> dict:
+    """``base`` with ``over``'s keys replacing its own; tables are merged key by key."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _parse(top: Table) -> Chip:

@@ -181,3 +181,31 @@ def test_unknown_chip_name_lists_shipped_chips():
         load_chip("no-such-chip")
     assert "no-such-chip" in str(info.value)
     assert "3d-64" in str(info.value)
+
+
+def test_a_chip_built_on_another_replaces_only_what_it_sets():
+    import dataclasses
+
+    base, hot = load_chip("3d-64"), load_chip("3d-64-dtm90")
+    assert (hot.dtm.threshold_c, hot.dtm.critical_c, hot.dtm.hysteresis_c) == (90.0, 105.0, base.dtm.hysteresis_c)
+    same = {f.name for f in dataclasses.fields(base)} - {"name", "description", "source", "dtm"}
+    assert all(getattr(base, n) == getattr(hot, n) for n in same)
+
+
+def test_a_base_is_found_beside_the_file_and_bad_bases_are_named(tmp_path: Path):
+    (tmp_path / "mine.toml").write_text('name = "mine"\ndescription = "x"\nbase = "3d-64"\n'
+                                        '[thermal]\nambient_c = 40.0\n')
+    (tmp_path / "derived.toml").write_text('name = "derived"\nbase = "mine.toml"\n[dtm]\nthreshold_c = 75.0\n')
+    chip = load_chip(str(tmp_path / "derived.toml"))
+    assert (chip.name, chip.description, chip.thermal.ambient_c, chip.dtm.threshold_c) == ("derived", "x", 40.0, 75.0)
+    # A cycle, a missing base and a base that is not a string: each names file, key and value.
+    (tmp_path / "a.toml").write_text('base = "b.toml"\n')
+    (tmp_path / "b.toml").write_text('base = "a.toml"\n')
+    with pytest.raises(ConfigError, match=r"base.*b.toml.*a cycle"):
+        load_chip(str(tmp_path / "a.toml"))
+    (tmp_path / "lost.toml").write_text('base = "nowhere"\n')
+    with pytest.raises(ConfigError, match="nowhere.*no such chip file"):
+        load_chip(str(tmp_path / "lost.toml"))
+    (tmp_path / "num.toml").write_text("base = 3\n")
+    with pytest.raises(ConfigError, match=r"num.toml.*base.*3.*name or path"):
+        load_chip(str(tmp_path / "num.toml"))
