@@ -49,11 +49,9 @@ class TrainConfigError(AilfmError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # One chip at three thermal limits: features read temperatures as headroom to the
-    # limit, and the same headroom calls for other caps when the limit moves.
-    chips: tuple[str, ...] = ("3d-64", "3d-64-dtm70", "3d-64-dtm90")
+    chips: tuple[str, ...] = ("3d-64",)
     workloads: tuple[str, ...] = ("prefill-heavy", "decode-heavy", "bursty", "long-context", "mixed")
-    episodes_per_workload: int = 2  # per chip and round, each a new arrival seed
+    episodes_per_workload: int = 6  # per chip and round, each a new arrival seed
     duration_s: float = 12.0
     rounds: int = 4  # DAgger rounds after behaviour cloning
     beta_decay: float = 0.5
