@@ -39,6 +39,8 @@ MARGIN_C_RANGE = (0.0, 30.0)  # exclusive of 0: acting exactly at the limit is t
 MIN_FREQ_KHZ_RANGE = (1, 10_000_000)  # 10 GHz
 SIM_SPEED_RANGE = (0.0, 10_000.0)  # exclusive of 0
 THREAD_SAMPLE_EVERY_RANGE = (1, 100)  # epochs between two reads of a thread's counters
+TELEMETRY_EVERY_RANGE = (1, 100_000)  # epochs between two telemetry records
+TELEMETRY_MAX_MIB_RANGE = (1, 1 << 20)  # size at which the telemetry file is rotated
 SUN_PATH_MAX_BYTES = 107  # sockaddr_un.sun_path is 108 bytes including the NUL
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # baseline names
@@ -149,6 +151,16 @@ class ControlSettings:
 
 
 @dataclass(frozen=True)
+class TelemetrySettings:
+    """``[telemetry]``: record what the daemon sees and does (docs/telemetry.md); off
+    unless ``path`` is set."""
+
+    path: Path | None = None
+    every_epochs: int = 10  # one record per second at the default 100 ms epoch
+    max_mib: int = 256  # then the file moves to <path>.1 and a new one starts
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     """The whole configuration. ``DaemonConfig()`` is the built-in default."""
 
@@ -159,6 +171,7 @@ class DaemonConfig:
     safety: SafetySettings = field(default_factory=SafetySettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     control: ControlSettings = field(default_factory=ControlSettings)
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     # Where it came from, for logs and errors; not part of the value.
     source: str = field(default="(built-in defaults)", compare=False)
 
@@ -269,10 +282,18 @@ def parse_config(text: str, source: str) -> DaemonConfig:
         t.fail("socket", str(control.socket),
                f"longer than the {SUN_PATH_MAX_BYTES} bytes a Unix socket address can hold")
     t.finish()
+
+    t = top.table("telemetry")
+    telemetry = TelemetrySettings(
+        path=t.path("path", default=None),
+        every_epochs=t.integer("every_epochs", *TELEMETRY_EVERY_RANGE, default=TelemetrySettings.every_epochs),
+        max_mib=t.integer("max_mib", *TELEMETRY_MAX_MIB_RANGE, default=TelemetrySettings.max_mib),
+    )
+    t.finish()
     top.finish()
 
     _check_pairs(source, daemon, policy, safety)
-    return DaemonConfig(daemon, platform, targets, policy, safety, metrics, control, source=source)
+    return DaemonConfig(daemon, platform, targets, policy, safety, metrics, control, telemetry, source=source)
 
 
 def _check_pairs(source: str, daemon: DaemonSettings, policy: PolicySettings, safety: SafetySettings) -> None:

@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry
 
 from ailfmd import __version__
 from ailfmd.control.loop import ControlLoop
+from ailfmd.control.records import TickRecord
 from ailfmd.control.shield import SafetyShield, ShieldConfig
 from ailfmd.ctl.sensors_report import build_report
 from ailfmd.errors import AilfmError, ConfigError
@@ -41,6 +42,7 @@ from ailfmd.service.metrics import DaemonMetrics
 from ailfmd.service.notify import Notifier
 from ailfmd.policy.baselines import configure_for_chip
 from ailfmd.service.policies import LoadedPolicy, load_policy
+from ailfmd.service.telemetry import TelemetryRecorder
 
 log = logging.getLogger("ailfmd")
 
@@ -109,6 +111,8 @@ class Daemon:
         self.metrics.set_policy(self.policy.info.name, self.policy.info.kind, self.policy.info.feature_schema or "",
                                 self.policy.info.path or "")
         self.loop.sinks.append(self.metrics.update)
+        self.telemetry: TelemetryRecorder | None = self._telemetry(cfg)
+        self.loop.sinks.append(self._record_telemetry)
         self.metrics_address: tuple[str, int] | None = None
         self.control: ControlServer | None = None
         self.hotplug: HotplugWatcher | None = None
@@ -121,6 +125,19 @@ class Daemon:
             for p in (loaded.policy, loaded.fallback):
                 configure_for_chip(p, chip)
         return loaded
+
+    def _telemetry(self, cfg: DaemonConfig) -> TelemetryRecorder | None:
+        if cfg.telemetry.path is None:
+            return None
+        rec = TelemetryRecorder(cfg.telemetry, self.platform.topology, platform=self.platform_name,
+                                epoch_ms=cfg.daemon.epoch_ms, limit_c=cfg.safety.limit_c)
+        if rec.error is None:
+            log.info("telemetry: every %d epochs to %s", cfg.telemetry.every_epochs, cfg.telemetry.path)
+        return rec
+
+    def _record_telemetry(self, record: TickRecord) -> None:
+        if self.telemetry is not None:
+            self.telemetry.add(record)
 
     # ------------------------------------------------------------------ set-up
     def start_services(self) -> None:
@@ -229,6 +246,10 @@ class Daemon:
         if new.platform != self.cfg.platform:
             log.warning("[platform] changes need a restart; kept the running platform")
             new = dataclasses.replace(new, platform=self.cfg.platform)
+        if new.telemetry != self.cfg.telemetry or new.safety.limit_c != self.cfg.safety.limit_c:
+            if self.telemetry is not None:
+                self.telemetry.close()
+            self.telemetry = self._telemetry(new)
         self.cfg, self.policy = new, policy
         self.loop.policy, self.loop.fallback = policy.policy, policy.fallback
         self.loop.shield.config = shield_config(new)
@@ -340,6 +361,8 @@ class Daemon:
         if self.control is not None:
             self.control.stop()
         self.metrics.stop()
+        if self.telemetry is not None:
+            self.telemetry.close()
         if self.hotplug is not None:
             self.hotplug.close()
         self.platform.close()

@@ -14,6 +14,7 @@ from ailfmd.platform.linux.targets import TargetSelector
 from ailfmd.service.config import (
     DaemonConfig,
     DaemonSettings,
+    TelemetrySettings,
     load_config,
     parse_config,
 )
@@ -89,6 +90,11 @@ port = 9999
 [control]
 socket = "/run/ailfmd-test/ctl.sock"
 group = "inference-ops"
+
+[telemetry]
+path = "/var/lib/ailfmd-test/t.rec"
+every_epochs = 5
+max_mib = 64
 """
 
 
@@ -122,6 +128,7 @@ def test_every_key_parses() -> None:
     assert s.act_at_c == 74.5
     assert (c.metrics.enabled, c.metrics.listen_address, c.metrics.port) == (False, "::1", 9999)
     assert (c.control.socket, c.control.group) == (Path("/run/ailfmd-test/ctl.sock"), "inference-ops")
+    assert c.telemetry == TelemetrySettings(Path("/var/lib/ailfmd-test/t.rec"), 5, 64)
     # Every field differs from its default, so nothing above was silently defaulted.
     defaults = DaemonConfig()
     for key in ALL_KEYS:

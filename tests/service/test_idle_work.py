@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import time
 from pathlib import Path
 
-from ailfmd.service.config import DaemonConfig
 from ailfmd.service.daemon import Daemon
 from ailfmd.service.status import History, summarize
+from simdaemon import sim_config
 from test_metrics import make_record
 
 
@@ -26,16 +25,7 @@ def test_history_summarizes_on_demand_and_keeps_no_observation() -> None:
 
 
 def _sim_daemon(tmp_path: Path) -> Daemon:
-    base = DaemonConfig()
-    cfg = dataclasses.replace(
-        base,
-        daemon=dataclasses.replace(base.daemon, run_dir=tmp_path / "run"),
-        platform=dataclasses.replace(base.platform, kind="sim"),
-        policy=dataclasses.replace(base.policy, kind="baseline", baseline="linux", fallback="linux"),
-        metrics=dataclasses.replace(base.metrics, enabled=False),
-        control=dataclasses.replace(base.control, socket=tmp_path / "c.sock"),
-    )
-    return Daemon(cfg, env={})
+    return Daemon(sim_config(tmp_path), env={})
 
 
 def test_the_wait_between_epochs_reuses_its_poll_set_and_still_wakes(tmp_path: Path) -> None:

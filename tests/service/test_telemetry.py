@@ -1,0 +1,126 @@
+"""Telemetry: the daemon records what it saw and did, and never stops protecting for it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ailfmd.control.records import TickRecord
+from ailfmd.policy.feature_schema import CORE_COLUMNS, FEATURE_SCHEMA, TEMP_SCALE_C, THREAD_COLUMNS
+from ailfmd.policy.features import FeatureExtractor
+from ailfmd.service.config import TelemetrySettings
+from ailfmd.service.daemon import Daemon
+from ailfmd.service.telemetry import FORMAT
+from ailfmd.train.recording import RecordWriter, read_header, read_records, summarize
+from simdaemon import sim_config
+
+TEMP = CORE_COLUMNS.index("temp")
+
+
+def sim_daemon(tmp_path: Path, telemetry: TelemetrySettings) -> Daemon:
+    return Daemon(sim_config(tmp_path, "pcgov", telemetry=telemetry), env={})
+
+
+def run(d: Daemon, epochs: int) -> list[TickRecord]:
+    seen: list[TickRecord] = []
+    d.loop.sinks.append(seen.append)
+    try:
+        for _ in range(epochs):
+            d.loop.tick()
+    finally:
+        d.shutdown()
+    return seen
+
+
+def test_every_nth_epoch_is_recorded_with_features_and_what_was_decided(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "telemetry.rec"  # the directory is created
+    d = sim_daemon(tmp_path, TelemetrySettings(path=path, every_epochs=3))
+    ticks = run(d, 10)
+    header = read_header(path)
+    assert header["telemetry"] == FORMAT and header["feature_schema"] == FEATURE_SCHEMA
+    assert header["platform"] == d.platform_name and header["every_epochs"] == 3
+    assert header["core_columns"] == list(CORE_COLUMNS) and header["thread_columns"] == list(THREAD_COLUMNS)
+    steps = [r for r in read_records(path, strict=True) if r.kind == "step"]
+    assert [s.meta["epoch"] for s in steps] == [0, 3, 6, 9]
+    topology = d.platform.topology()
+    for step in steps:
+        tick = ticks[step.meta["epoch"]]
+        obs = tick.observation
+        prev = ticks[tick.epoch - 1].observation if tick.epoch else None
+        want = FeatureExtractor(topology, limit_c=d.cfg.safety.limit_c).extract(obs, prev)
+        a = step.arrays
+        np.testing.assert_array_equal(a["core"], want.core_features)
+        np.testing.assert_array_equal(a["thread"], want.thread_features)
+        assert a["tids"].tolist() == list(want.tids) and a["cpus"].tolist() == list(want.cpus)
+        temps = [obs.cpus[c].temp.temp_c for c in want.cpus]
+        np.testing.assert_allclose(a["temp_c"], temps, rtol=1e-6)
+        # The raw temperature is the feature read back from the CPU's limit.
+        np.testing.assert_allclose(a["core"][:, TEMP] * TEMP_SCALE_C + a["limit_c"] - TEMP_SCALE_C, temps, atol=1e-3)
+        caps = {c: k for c, k in zip(a["cpus"].tolist(), a["cap_set_khz"].tolist()) if k >= 0}
+        assert caps == dict(tick.decision.action.freq_cap_khz)
+        assert step.meta["policy"] == tick.policy_name and step.meta["shield_actions"] == len(tick.shield)
+    summary = summarize(path)  # what `ailfm inspect` shows
+    assert summary.by_kind == {"step": 4} and summary.torn_tail_bytes == 0
+
+
+def test_a_path_it_cannot_write_switches_telemetry_off_and_the_loop_runs_on(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the telemetry directory should be\n")
+    d = sim_daemon(tmp_path, TelemetrySettings(path=blocker / "telemetry.rec", every_epochs=1))
+    assert d.telemetry is not None and d.telemetry.error is not None and "not-a-dir" in d.telemetry.error
+    ticks = run(d, 5)
+    assert len(ticks) == 5 and d.telemetry.records == 0
+
+
+def test_another_recording_is_kept_aside_and_a_new_one_started(tmp_path: Path) -> None:
+    path = tmp_path / "telemetry.rec"
+    with RecordWriter(path, {"source": "someone else"}) as w:
+        w.append("step", {"x": 1})
+    d = sim_daemon(tmp_path, TelemetrySettings(path=path, every_epochs=1))
+    run(d, 2)
+    assert read_header(path.with_name("telemetry.rec.1"))["source"] == "someone else"
+    assert read_header(path)["telemetry"] == FORMAT
+    assert [r.meta["epoch"] for r in read_records(path) if r.kind == "step"] == [0, 1]
+    # The daemon restarted with the same header appends to its own recording.
+    d = sim_daemon(tmp_path, TelemetrySettings(path=path, every_epochs=1))
+    run(d, 2)
+    assert [r.meta["epoch"] for r in read_records(path) if r.kind == "step"] == [0, 1, 0, 1]
+
+
+def test_the_file_is_rotated_when_it_outgrows_max_mib(tmp_path: Path) -> None:
+    max_mib = 1
+    path = tmp_path / "telemetry.rec"
+    d = sim_daemon(tmp_path, TelemetrySettings(path=path, every_epochs=1, max_mib=max_mib))
+    sizes = []
+    try:
+        for _ in range(2000):
+            d.loop.tick()
+            sizes.append(path.stat().st_size)
+            if path.with_name("telemetry.rec.1").exists():
+                break
+    finally:
+        d.shutdown()
+    old = path.with_name("telemetry.rec.1")
+    assert old.exists(), f"no rotation after {len(sizes)} epochs, file at {sizes[-1]} bytes"
+    assert old.stat().st_size >= max_mib << 20 and path.stat().st_size < old.stat().st_size
+    # Both are whole recordings; together they hold every epoch once.
+    epochs = [r.meta["epoch"] for p in (old, path) for r in read_records(p, strict=True) if r.kind == "step"]
+    assert epochs == list(range(len(epochs)))
+
+
+def test_a_reload_turns_telemetry_on_again_at_a_good_path(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x\n")
+    d = sim_daemon(tmp_path, TelemetrySettings(path=blocker / "telemetry.rec", every_epochs=1))
+    assert d.telemetry is not None and d.telemetry.error is not None
+    good = tmp_path / "telemetry.rec"
+    conf = tmp_path / "ailfmd.toml"
+    conf.write_text(f'[daemon]\nrun_dir = "{tmp_path / "run"}"\n[platform]\nkind = "sim"\n'
+                    f'[policy]\nkind = "baseline"\nbaseline = "pcgov"\n[metrics]\nenabled = false\n'
+                    f'[control]\nsocket = "{tmp_path / "c.sock"}"\n'
+                    f'[telemetry]\npath = "{good}"\nevery_epochs = 1\n')
+    d.reload(str(conf))
+    assert d.telemetry is not None and d.telemetry.error is None
+    run(d, 3)
+    assert [r.meta["epoch"] for r in read_records(good) if r.kind == "step"] == [0, 1, 2]
