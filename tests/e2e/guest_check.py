@@ -52,7 +52,14 @@ fallback = "stepwise"
 enabled = true
 listen_address = "127.0.0.1"
 port = 9747
+
+[telemetry]
+# Under the unit's ProtectSystem=strict only its StateDirectory (/var/lib/ailfmd) is
+# writable: the recording proves that works.
+path = "/var/lib/ailfmd/telemetry.rec"
+every_epochs = 5
 """
+TELEMETRY = "/var/lib/ailfmd/telemetry.rec"
 
 failures: list[str] = []
 
@@ -300,6 +307,16 @@ def main() -> int:
           f"(before, after stop): {bad}" if bad else "nothing had changed")
     log = journal("ailfmd.service", 200)
     check("daemon logged 'every setting restored'", "stopped; every setting restored" in log, log[-1500:])
+    # The recording the daemon wrote as the unit's user, closed at stop: every record whole.
+    p = run("ailfm", "inspect", TELEMETRY, "--json")
+    try:
+        summary = json.loads(p.stdout) if p.returncode == 0 else {}
+    except ValueError:
+        summary = {}
+    steps = summary.get("by_kind", {}).get("step", 0)
+    check("telemetry recorded under /var/lib/ailfmd (ailfm inspect: step records, no torn tail)",
+          steps > 0 and summary.get("torn_tail_bytes") == 0 and summary.get("header", {}).get("platform") == "linux",
+          (p.stdout + p.stderr)[-1500:])
     check("workload still running after the daemon stopped",
           run("systemctl", "is-active", WORKLOAD_UNIT).stdout.strip() == "active", journal(WORKLOAD_UNIT))
 
