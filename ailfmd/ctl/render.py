@@ -163,6 +163,10 @@ def render_status(doc: Mapping[str, Any], color: bool) -> str:
         + f", up {_duration(d['uptime_s'])}, epoch {_f(d['epoch_ms'], 0)} ms, limit {_f(d['limit_c'], 1, ' C')}",
         f"policy: {_policy_line(doc['policy'])}",
     ]
+    tel = d.get("telemetry")
+    if tel:
+        out.append(f"telemetry: OFF after an error: {tel['error']}" if tel["error"] else
+                   f"telemetry: {tel['records']} record(s) to {tel['path']}")
     le = doc["last_epoch"]
     if le is None:
         out.append("last epoch: none yet")

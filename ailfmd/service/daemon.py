@@ -190,6 +190,8 @@ class Daemon:
             policy=self.policy.info,
             limit_c=self.cfg.safety.limit_c,
             ambient_c=getattr(self.platform, "ambient_c", None),
+            telemetry=None if self.telemetry is None else {
+                "path": str(self.telemetry.path), "records": self.telemetry.records, "error": self.telemetry.error},
         )
 
     def handle(self, cmd: str, args: Mapping[str, Any], peer: Peer) -> dict[str, Any]:

@@ -58,6 +58,9 @@ class DaemonInfo:
     policy: PolicyInfo
     limit_c: float | None = None  # the shield's limit
     ambient_c: float | None = None  # cold end of the heat map (sim: the chip's ambient)
+    # [telemetry]: {"path", "records" written since start, "error" that stopped it or
+    # None}; None when telemetry is off.
+    telemetry: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------- history
@@ -260,6 +263,7 @@ def _daemon_dict(info: DaemonInfo, limit_c: float | None) -> dict[str, Any]:
         "epoch_ms": _num(info.epoch_ms),
         "limit_c": _num(limit_c),
         "ambient_c": _num(info.ambient_c),
+        "telemetry": info.telemetry,
     }
 
 

@@ -78,7 +78,7 @@ class TelemetryRecorder:
         self._writer = None
         try:
             self._writer = self._open()
-        except (AilfmError, OSError) as e:
+        except (AilfmError, OSError, ValueError) as e:  # ValueError: a path the OS refuses
             self._fail(e)
 
     # ------------------------------------------------------------------ writing

@@ -124,3 +124,32 @@ def test_a_reload_turns_telemetry_on_again_at_a_good_path(tmp_path: Path) -> Non
     assert d.telemetry is not None and d.telemetry.error is None
     run(d, 3)
     assert [r.meta["epoch"] for r in read_records(good) if r.kind == "step"] == [0, 1, 2]
+
+
+def test_status_says_where_telemetry_goes_and_why_it_stopped(tmp_path: Path) -> None:
+    from ailfmd.ctl.render import render_status
+    from ailfmd.service import status as st
+
+    good = tmp_path / "telemetry.rec"
+    d = sim_daemon(tmp_path, TelemetrySettings(path=good, every_epochs=1))
+    try:
+        for _ in range(3):
+            d.loop.tick()
+        doc = st.status_document(d.loop.last, d.platform.topology(), d.info(), d.history)
+        assert doc["daemon"]["telemetry"] == {"path": str(good), "records": 3, "error": None}
+        assert f"telemetry: 3 record(s) to {good}" in render_status(doc, color=False)
+    finally:
+        d.shutdown()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x\n")
+    d = sim_daemon(tmp_path, TelemetrySettings(path=blocker / "t.rec"))
+    try:
+        doc = st.status_document(None, d.platform.topology(), d.info(), d.history)
+        assert doc["daemon"]["telemetry"]["error"] and "OFF after an error" in render_status(doc, color=False)
+    finally:
+        d.shutdown()
+    d = sim_daemon(tmp_path, TelemetrySettings())
+    try:
+        assert st.status_document(None, d.platform.topology(), d.info(), d.history)["daemon"]["telemetry"] is None
+    finally:
+        d.shutdown()
