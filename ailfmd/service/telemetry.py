@@ -10,10 +10,12 @@ states a real machine visits, for looking at and for later training.
 The recorder never stops the loop: a failure to write (a full disk, a path it may not
 write) is logged once and telemetry is switched off until the next reload. The file is
 rotated to ``<path>.1`` when it outgrows ``max_mib`` (one old file is kept), and also when
-it holds another machine's or another version's recording (its header differs). Records
-are fsynced at most every ``FSYNC_EVERY_S`` and at close: a power cut can lose the last
-minute, a killed daemon loses nothing but a torn last record, which the next writer cuts.
-Format of the records: docs/telemetry.md.
+it holds another machine's or another version's recording (its header differs). The loop
+never waits for the disk: records are written to the page cache and fsynced only at
+close (an fsync under an inference server's model loading can take seconds, and the
+epoch is the machine's protection). A killed daemon loses nothing but a torn last
+record, which the next writer cuts; a power cut loses what the kernel had not yet
+written back (about the last 30 s). Format of the records: docs/telemetry.md.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import logging
 import math
 import os
 import socket
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,7 +40,6 @@ from ailfmd.service.config import TelemetrySettings
 log = logging.getLogger("ailfmd.telemetry")
 
 FORMAT = "ailfmd.telemetry/1"  # the header's "telemetry" key: what a step record holds
-FSYNC_EVERY_S = 60.0
 MIB = 1 << 20
 
 
@@ -66,7 +66,6 @@ class TelemetryRecorder:
         self._extractor: FeatureExtractor | None = None
         self._extractor_topology: Topology | None = None
         self._prev: Observation | None = None
-        self._last_sync = time.monotonic()
         self.header: dict[str, Any] = {
             "source": "ailfmd", "telemetry": FORMAT, "version": __version__, "host": socket.gethostname(),
             "platform": platform, "epoch_ms": epoch_ms, "every_epochs": settings.every_epochs,
@@ -122,10 +121,6 @@ class TelemetryRecorder:
             meta, arrays = self._step(rec, prev)
             self._writer.append("step", meta, arrays)
             self.records += 1
-            now = time.monotonic()
-            if now - self._last_sync >= FSYNC_EVERY_S:
-                self._writer.flush()
-                self._last_sync = now
             if self.path.stat().st_size >= self.settings.max_mib * MIB:
                 self._writer.close()
                 self._rotate()
