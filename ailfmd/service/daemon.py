@@ -136,8 +136,13 @@ class Daemon:
         return rec
 
     def _record_telemetry(self, record: TickRecord) -> None:
-        if self.telemetry is not None:
-            self.telemetry.add(record)
+        tel = self.telemetry
+        if tel is None:
+            self.metrics.set_telemetry(None, False)
+            return
+        before = tel.records
+        tel.add(record)
+        self.metrics.set_telemetry(tel.records - before, tel.error is None)
 
     # ------------------------------------------------------------------ set-up
     def start_services(self) -> None:

@@ -122,6 +122,8 @@ class DaemonMetrics:
         self._lock = threading.Lock()
         self._record: TickRecord | None = None
         self._policy: tuple[str, str, str, str] | None = None
+        self._telemetry: tuple[int, bool] | None = None  # (records written, still recording); None: off
+        self._telemetry_records = 0  # across reloads, so the counter never goes back
         self._epochs = 0
         self._violations = 0
         self._actions = _BoundedCounter(MAX_REASON_VALUES)  # (kind, source)
@@ -144,6 +146,16 @@ class DaemonMetrics:
         labels = {c.cpu: (str(c.cpu), str(c.package_id), str(c.core_id)) for c in topology.cpus.values()}
         with self._lock:
             self._cpu_labels = labels
+
+    def set_telemetry(self, written: int | None, recording: bool) -> None:
+        """``written`` new telemetry records since the last call (None: telemetry is off)
+        and whether it is still recording (False: stopped by an error)."""
+        with self._lock:
+            if written is None:
+                self._telemetry = None
+                return
+            self._telemetry_records += written
+            self._telemetry = (self._telemetry_records, recording)
 
     def set_policy(self, name: str, kind: str, schema: str = "", path: str = "") -> None:
         """What ``ailfm_policy_info`` reports: the configured policy (not the fallback)."""
@@ -203,6 +215,7 @@ class DaemonMetrics:
                 "apply_failures": dict(self._apply_failures.counts),
             }
             epochs, violations = self._epochs, self._violations
+            telemetry = self._telemetry
             inference = self._inference.family(
                 "ailfm_policy_inference_seconds", "Time the deciding policy took per epoch."
             )
@@ -228,6 +241,11 @@ class DaemonMetrics:
             yield fam
         yield inference
         yield epoch_duration
+        if telemetry is not None:
+            yield CounterMetricFamily("ailfm_telemetry_records_total", "Telemetry records written.",
+                                      value=telemetry[0])
+            yield _gauge("ailfm_telemetry_up", "1 while telemetry records, 0 once an error stopped it.", [],
+                         [((), float(telemetry[1]))])
         if policy is None and rec is not None:
             policy = (rec.policy_name, "", "", "")
         yield _gauge(

@@ -110,8 +110,10 @@ def test_promtool_accepts_our_exposition(metrics: tuple[CollectorRegistry, Daemo
     assert (res.returncode, res.stdout + res.stderr) == (0, "")
     m.update(record(0, {0: 84.0, 1: 86.5, 2: None}))
     m.update(record(1, {0: 84.5, 1: 87.0, 2: None}))
+    m.set_telemetry(1, True)
     res = promtool_check(generate_latest(registry))
     assert (res.returncode, res.stdout + res.stderr) == (0, "")
+    assert b"ailfm_telemetry_records_total 1.0" in generate_latest(registry)
 
 
 @needs_promtool

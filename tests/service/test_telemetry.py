@@ -137,6 +137,8 @@ def test_status_says_where_telemetry_goes_and_why_it_stopped(tmp_path: Path) -> 
             d.loop.tick()
         doc = st.status_document(d.loop.last, d.platform.topology(), d.info(), d.history)
         assert doc["daemon"]["telemetry"] == {"path": str(good), "records": 3, "error": None}
+        assert d.registry.get_sample_value("ailfm_telemetry_records_total") == 3
+        assert d.registry.get_sample_value("ailfm_telemetry_up") == 1
         assert f"telemetry: 3 record(s) to {good}" in render_status(doc, color=False)
     finally:
         d.shutdown()
@@ -146,10 +148,14 @@ def test_status_says_where_telemetry_goes_and_why_it_stopped(tmp_path: Path) -> 
     try:
         doc = st.status_document(None, d.platform.topology(), d.info(), d.history)
         assert doc["daemon"]["telemetry"]["error"] and "OFF after an error" in render_status(doc, color=False)
+        d.loop.tick()
+        assert d.registry.get_sample_value("ailfm_telemetry_up") == 0
     finally:
         d.shutdown()
     d = sim_daemon(tmp_path, TelemetrySettings())
     try:
         assert st.status_document(None, d.platform.topology(), d.info(), d.history)["daemon"]["telemetry"] is None
+        d.loop.tick()
+        assert d.registry.get_sample_value("ailfm_telemetry_up") is None
     finally:
         d.shutdown()
