@@ -481,30 +481,39 @@ class CapGuard:
         rise_c = np.maximum(core[:, _CI["temp_slope"]], 0.0) * SLOPE_SCALE_C_PER_S * (epoch_s or 0.0)
         ahead_c = np.where(core[:, _CI["temp_missing"]] < 0.5, temp_c + rise_c, -np.inf)
         near = ahead_c >= limit_c - self.release_band_c
-        index = {c: i for i, c in enumerate(cpus)}
-        flagged = sorted(set(np.flatnonzero(near).tolist()) |
-                         {index[c] for c in self.recovering if c in index})
+        flagged = np.flatnonzero(near).tolist()
+        if self.recovering:
+            index = {c: i for i, c in enumerate(cpus)}
+            flagged = sorted(set(flagged) | {index[c] for c in self.recovering if c in index})
         if not flagged:
             return {}
         ladders = ladders_khz(obs) if ladders is None else ladders
         lowered: dict[int, str] = {}
+        # Python floats for the per-CPU tests below (each float32 exactly; numpy scalars
+        # cost a conversion at every comparison), and the last ladder's ascending form:
+        # CPUs share a few ladder lists.
+        ahead_l, limit_l = ahead_c.tolist(), limit_c.tolist()
+        last_ladder: list[int] | None = None
+        asc: list[int] = []
         for i in flagged:
             cpu = cpus[i]
             st = obs.cpus.get(cpu)
-            limit = float(limit_c[i])
+            limit = limit_l[i]
             ladder = ladders.get(cpu)
             if st is None or not ladder:
                 self.recovering.discard(cpu)
                 continue
-            asc = self._ascending(ladder)
+            if ladder is not last_ladder:
+                asc, last_ladder = self._ascending(ladder), ladder
             want = caps_khz.get(cpu, ladder[0])
-            if ahead_c[i] >= limit - self.guard_c:
+            ahead = ahead_l[i]
+            if ahead >= limit - self.guard_c:
                 now = min(want, st.freq_khz or ladder[0])
                 k = bisect_left(asc, now)
                 new = asc[k - 1] if k > 0 else asc[0]
                 cut = True
                 self.recovering.add(cpu)
-            elif cpu in self.recovering or ahead_c[i] >= limit - self.release_band_c:
+            elif cpu in self.recovering or ahead >= limit - self.release_band_c:
                 current = st.cap_khz or ladder[0]
                 k = bisect_right(asc, current)
                 new = min(want, asc[min(k + self.release_steps, len(asc)) - 1] if k < len(asc) else current)
@@ -519,7 +528,7 @@ class CapGuard:
                 # Reasons are written only for the CPUs they concern (most flagged CPUs
                 # are left as the model said).
                 if cut:
-                    lowered[cpu] = (f"{ahead_c[i]:.1f} C expected next epoch, within {self.guard_c:g} C of the "
+                    lowered[cpu] = (f"{ahead:.1f} C expected next epoch, within {self.guard_c:g} C of the "
                                     f"{limit:g} C limit: one step below {now // 1000} MHz")
                 else:
                     where = ("recovering from a cut" if recovering
