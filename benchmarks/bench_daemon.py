@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_daemon.py [--seconds 120] [--cpus 64] [--threads 64]
         [--thread-sample-every N] [--changing-inputs] [--cached-observation] [--observe-only]
+        [--epoch-ms 100]
 
 Runs the real daemon (LinuxPlatform on a generated Xeon-like tree, stepwise policy,
 safety shield, metrics, control socket, history) at 10 Hz in enforce mode, managing the
@@ -123,6 +124,7 @@ def free_port() -> int:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=120.0)
+    ap.add_argument("--epoch-ms", type=int, default=100, help="the daemon's epoch (default 100 ms: 10 Hz)")
     ap.add_argument("--cpus", type=int, default=64)
     ap.add_argument("--threads", type=int, default=64)
     ap.add_argument("--thread-sample-every", type=int, default=None,
@@ -144,7 +146,7 @@ def main() -> None:
         base = DaemonConfig()
         cfg = dataclasses.replace(
             base,
-            daemon=dataclasses.replace(base.daemon, mode="enforce", epoch_ms=100, run_dir=tmp / "run"),
+            daemon=dataclasses.replace(base.daemon, mode="enforce", epoch_ms=args.epoch_ms, run_dir=tmp / "run"),
             platform=dataclasses.replace(
                 base.platform,
                 kind="linux",
@@ -180,7 +182,7 @@ def main() -> None:
             while not sampler_stop.wait(1.0):
                 rss.append(rss_kib())
 
-        epochs = int(args.seconds * 10)
+        epochs = int(args.seconds * 1000 / args.epoch_ms)
         warm = 50
         daemon.loop.tick()
         for _ in range(warm):
@@ -206,7 +208,8 @@ def main() -> None:
         s = sorted(totals)
         threads = len(daemon.loop.last.observation.threads) if daemon.loop.last else 0
         every = cfg.platform.thread_sample_every
-        print(f"{args.cpus} CPUs, {threads} managed threads, {len(s)} epochs at 10 Hz over {w1 - w0:.0f} s, "
+        print(f"{args.cpus} CPUs, {threads} managed threads, {len(s)} epochs at {1000 / args.epoch_ms:g} Hz "
+              f"over {w1 - w0:.0f} s, "
               f"thread counters every {every} epoch{'s' if every > 1 else ''}"
               + (", temperatures and frequencies changing every epoch" if writer else "")
               + (", one cached observation" if args.cached_observation else ""))
