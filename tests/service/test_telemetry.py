@@ -159,3 +159,32 @@ def test_status_says_where_telemetry_goes_and_why_it_stopped(tmp_path: Path) -> 
         assert d.registry.get_sample_value("ailfm_telemetry_up") is None
     finally:
         d.shutdown()
+
+
+def test_on_a_linux_machine_tree_it_records_the_managed_threads(machine_sys, tmp_path: Path) -> None:
+    """A real process's threads on the fixture Xeon: one row each, with the CPU it ran on."""
+    import dataclasses
+
+    from ailfmd.platform.linux.targets import TargetSelector
+    from childproc import THREADS_CHILD, child_process
+
+    path = tmp_path / "telemetry.rec"
+    with child_process(THREADS_CHILD, "") as (proc, words):
+        base = sim_config(tmp_path, "stepwise", telemetry=TelemetrySettings(path=path, every_epochs=1))
+        cfg = dataclasses.replace(
+            base, daemon=dataclasses.replace(base.daemon, mode="observe"),
+            platform=dataclasses.replace(base.platform, kind="linux", sysfs_root=machine_sys("xeon-2s-ht")),
+            targets=TargetSelector(pids=(proc.pid,)))
+        d = Daemon(cfg, env={})
+        ticks = run(d, 3)
+    steps = [r for r in read_records(path, strict=True) if r.kind == "step"]
+    assert read_header(path)["platform"] == "linux" and len(steps) == 3
+    tids = sorted(int(w) for w in words)
+    for step, tick in zip(steps, ticks):
+        a = step.arrays
+        assert a["tids"].tolist() == tids and set(a["pids"].tolist()) == {proc.pid}
+        assert a["last_cpu"].tolist() == [tick.observation.threads[t].last_cpu for t in tids]
+        assert a["thread"].shape == (4, len(THREAD_COLUMNS)) and a["core"].shape[0] == len(a["cpus"])
+        # The fixture's coretemp sensors report 86 °C; the configured 85 °C is lower.
+        assert set(a["limit_c"].tolist()) == {85.0}
+        assert step.meta["mode"] == "observe" and step.meta["applied"] is False
