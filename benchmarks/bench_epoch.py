@@ -2,11 +2,11 @@
 shield at several epoch lengths.
 
 Run: ``OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/bench_epoch.py
-[--epochs-ms 100 50 25] [--chips 3d-64 2d-64] [--seeds 900 901 902] [--policy policies/default.onnx]``
+[--epochs-ms 100 50 20] [--chips 3d-64 2d-64] [--seeds 900 901 902] [--policy policies/default.onnx]``
 
 The training evaluation's seven workloads on each chip, 30 s of arrivals then drained,
 the policy behind the daemon's shield, once per epoch length (the policy and the shield
-decide every epoch; the simulator's 10 ms tick is unchanged). Prints per epoch length the
+decide every epoch; the simulator's 10 ms tick is unchanged, so epochs are whole ticks). Prints per epoch length the
 time above DTM summed over the runs and the mean response time against the first epoch
 length (geometric mean of the per-run ratios, runs that answered requests).
 """
@@ -23,6 +23,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 from ailfmd.lab.run import Scenario, run_scenario  # noqa: E402
+from ailfmd.sim.engine import DEFAULT_TICK_S  # noqa: E402
 from ailfmd.policy.onnx_policy import OnnxPolicy  # noqa: E402
 from ailfmd.sim.chip import load_chip  # noqa: E402
 from ailfmd.sim.workload import load_workload  # noqa: E402
@@ -44,11 +45,16 @@ def one_run(job: Job) -> tuple[Job, float | None, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--policy", default=str(Path(__file__).resolve().parents[1] / "policies" / "default.onnx"))
-    ap.add_argument("--epochs-ms", nargs="+", type=int, default=[100, 50, 25])
+    ap.add_argument("--epochs-ms", nargs="+", type=int, default=[100, 50, 20])
     ap.add_argument("--chips", nargs="+", default=["3d-64", "2d-64"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[900, 901, 902])
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
+    tick_ms = round(DEFAULT_TICK_S * 1000)
+    for e in args.epochs_ms:
+        if e <= 0 or e % tick_ms:
+            # A run rounds its epoch to whole simulator ticks: 25 ms would run as 20 ms.
+            ap.error(f"--epochs-ms {e}: must be a positive multiple of the {tick_ms} ms simulator tick")
     cells = [(c, w, s) for c in args.chips for w in WORKLOADS for s in args.seeds]
     jobs = [(args.policy, c, w, s, e / 1000) for c, w, s in cells for e in args.epochs_ms]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
