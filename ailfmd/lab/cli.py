@@ -247,11 +247,22 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from ailfmd.train.recording import read_records, record_as_json, render_summary, summarize
 
     summary = summarize(args.file)
+    # A daemon's telemetry (docs/telemetry.md): also what it says about the machine.
+    telemetry = None
+    if summary.header.get("telemetry"):
+        from ailfmd.service.telemetry import render_telemetry, summarize_telemetry
+
+        telemetry = summarize_telemetry(args.file)
     if args.json:
-        json.dump(asdict(summary), sys.stdout, indent=2)
+        doc = asdict(summary)
+        if telemetry is not None:
+            doc["telemetry"] = telemetry
+        json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         sys.stdout.write(render_summary(summary))
+        if telemetry is not None:
+            sys.stdout.write(render_telemetry(telemetry))
     for n, record in enumerate(read_records(args.file)):
         if n >= args.dump:
             break

@@ -187,3 +187,70 @@ class TelemetryRecorder:
             "pinned_cpu": pinned,
         }
         return meta, arrays
+
+
+def summarize_telemetry(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What a telemetry recording says about the machine, over all its step records:
+    the time span, the hottest reading and its CPU, the lowest limit, the records with a
+    CPU at or above its limit, who decided how often, fallbacks and shield actions."""
+    from ailfmd.train.recording import read_records  # numpy only
+
+    steps = 0
+    first_s = last_s = None
+    hottest: tuple[float, int] | None = None
+    lowest_limit: float | None = None
+    violating = applied = shield_actions = max_threads = 0
+    policies: dict[str, int] = {}
+    fallbacks: dict[str, int] = {}
+    for rec in read_records(path):
+        if rec.kind != "step":
+            continue
+        steps += 1
+        meta, arrays = rec.meta, rec.arrays
+        wall = meta.get("wall_time_s")
+        if isinstance(wall, (int, float)):
+            first_s = wall if first_s is None else min(first_s, wall)
+            last_s = wall if last_s is None else max(last_s, wall)
+        temps = arrays["temp_c"]
+        if temps.size and not np.isnan(temps).all():
+            i = int(np.nanargmax(temps))
+            if hottest is None or float(temps[i]) > hottest[0]:
+                hottest = (float(temps[i]), int(arrays["cpus"][i]))
+        if arrays["limit_c"].size:
+            low = float(arrays["limit_c"].min())
+            lowest_limit = low if lowest_limit is None else min(lowest_limit, low)
+        violating += bool(meta.get("violations"))
+        applied += bool(meta.get("applied"))
+        shield_actions += int(meta.get("shield_actions") or 0)
+        max_threads = max(max_threads, int(arrays["tids"].size))
+        policies[str(meta.get("policy"))] = policies.get(str(meta.get("policy")), 0) + 1
+        if meta.get("fallback"):
+            fallbacks[str(meta["fallback"])] = fallbacks.get(str(meta["fallback"]), 0) + 1
+    return {
+        "steps": steps, "first_wall_time_s": first_s, "last_wall_time_s": last_s,
+        "span_s": None if first_s is None or last_s is None else last_s - first_s,
+        "hottest_c": None if hottest is None else hottest[0], "hottest_cpu": None if hottest is None else hottest[1],
+        "lowest_limit_c": lowest_limit, "steps_with_violations": violating, "steps_applied": applied,
+        "shield_actions": shield_actions, "max_managed_threads": max_threads,
+        "policies": policies, "fallbacks": fallbacks,
+    }
+
+
+def render_telemetry(t: dict[str, Any]) -> str:
+    """:func:`summarize_telemetry` as lines for ``ailfm inspect``."""
+    def num(v: float | None, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    lines = [
+        f"telemetry       {t['steps']} step(s) over {num(t['span_s'], '.0f')} s",
+        f"hottest         {num(t['hottest_c'], '.1f')} C on cpu {t['hottest_cpu']}"
+        f" (lowest limit {num(t['lowest_limit_c'], '.1f')} C)",
+        f"at the limit    {t['steps_with_violations']} step(s) with a CPU at or above its limit",
+        f"applied         {t['steps_applied']} step(s) (the rest observed or paused)",
+        f"shield          {t['shield_actions']} change(s) to the policy's decisions",
+        f"threads         up to {t['max_managed_threads']} managed",
+        "decided by      " + (", ".join(f"{p} {n}" for p, n in sorted(t["policies"].items())) or "-"),
+    ]
+    for why, n in sorted(t["fallbacks"].items()):
+        lines.append(f"fallback        {n} step(s): {why}")
+    return "\n".join(lines) + "\n"

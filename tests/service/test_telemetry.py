@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from ailfmd.control.records import TickRecord
 from ailfmd.policy.feature_schema import CORE_COLUMNS, FEATURE_SCHEMA, TEMP_SCALE_C, THREAD_COLUMNS
 from ailfmd.policy.features import FeatureExtractor
 from ailfmd.service.config import TelemetrySettings
 from ailfmd.service.daemon import Daemon
-from ailfmd.service.telemetry import FORMAT
+from ailfmd.service.telemetry import FORMAT, summarize_telemetry
 from ailfmd.train.recording import RecordWriter, read_header, read_records, summarize
 from simdaemon import sim_config
 
@@ -62,6 +63,32 @@ def test_every_nth_epoch_is_recorded_with_features_and_what_was_decided(tmp_path
         assert step.meta["policy"] == tick.policy_name and step.meta["shield_actions"] == len(tick.shield)
     summary = summarize(path)  # what `ailfm inspect` shows
     assert summary.by_kind == {"step": 4} and summary.torn_tail_bytes == 0
+    # ... and what it says about the machine.
+    t = summarize_telemetry(path)
+    recorded = [ticks[e] for e in (0, 3, 6, 9)]
+    temps = [(st.temp.temp_c, c) for tk in recorded for c, st in tk.observation.cpus.items()]
+    assert (t["steps"], t["policies"], t["fallbacks"]) == (4, {"pcgov": 4}, {})
+    # (float32 in the file: among CPUs equally hot to 1e-3 °C any may be named.)
+    assert t["hottest_c"] == pytest.approx(max(temps)[0], abs=1e-3)
+    assert max(tc for tc, c in temps if c == t["hottest_cpu"]) == pytest.approx(t["hottest_c"], abs=1e-3)
+    assert t["steps_applied"] == sum(tk.applied is not None for tk in recorded)
+    assert t["shield_actions"] == sum(len(tk.shield) for tk in recorded)
+    assert t["span_s"] == pytest.approx(recorded[-1].wall_time_s - recorded[0].wall_time_s)
+
+
+def test_ailfm_inspect_summarises_telemetry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from ailfmd.lab.cli import main
+
+    path = tmp_path / "telemetry.rec"
+    run(sim_daemon(tmp_path, TelemetrySettings(path=path, every_epochs=2)), 5)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "telemetry       3 step(s)" in out and "decided by      pcgov 3" in out
+    assert main(["inspect", str(path), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["telemetry"]["steps"] == 3 and doc["by_kind"] == {"step": 3}
 
 
 def test_a_path_it_cannot_write_switches_telemetry_off_and_the_loop_runs_on(tmp_path: Path) -> None:
