@@ -193,6 +193,7 @@ class ControlLoop:
             inference_s=inference_s,
             timings_s={"observe": t1 - t0, "decide": t2 - t1, "shield": t3 - t2, "apply": t4 - t3, "total": t4 - t0},
             limit_c=limit,
+            cpu_limits_c=limits,
             violations=violations,
             landing_fraction=shield.landing_fraction if shield.config.landing_caps else None,
         )

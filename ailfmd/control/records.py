@@ -6,6 +6,7 @@ the control socket and the recorder; none of them does I/O on the machine themse
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ailfmd.platform.base import ApplyResult, Observation
@@ -29,7 +30,11 @@ class TickRecord:
     applied: ApplyResult | None = None  # None when nothing was applied (observe/paused)
     inference_s: float | None = None  # time in policy.decide
     timings_s: dict[str, float] = field(default_factory=dict)  # observe, decide, shield, apply, total
-    limit_c: float | None = None  # the thermal limit the shield protects
+    limit_c: float | None = None  # the thermal limit the shield protects (the lowest CPU's)
+    # Each CPU's (limit, critical) as the shield took them this epoch: configured, or
+    # lower where its sensor reports lower ones (the shield's own mapping, shared while
+    # unchanged: nothing is copied per epoch); empty when not known.
+    cpu_limits_c: Mapping[int, tuple[float, float]] = field(default_factory=dict)
     # The shield's landing caps: idle CPUs capped at this fraction of their frequency
     # range (1.0: no landing cap); None when landing caps are off.
     landing_fraction: float | None = None

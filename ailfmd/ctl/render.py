@@ -204,10 +204,11 @@ def render_status(doc: Mapping[str, Any], color: bool) -> str:
             _mhz(c["freq_khz"]),
             _mhz(c["cap_khz"]),
             _mhz(c["hw_max_khz"]),
+            _f(c.get("limit_c"), 1, " C"),
         ]
         for c in doc["cpus"]
     ]
-    out += _table(["CPU", "TEMP", "SOURCE", "MHZ", "CAP", "HW MAX"], rows)
+    out += _table(["CPU", "TEMP", "SOURCE", "MHZ", "CAP", "HW MAX", "LIMIT"], rows)
     out.append("")
     if doc["threads"]:
         rows = [

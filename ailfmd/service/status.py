@@ -326,6 +326,7 @@ def status_document(
     limit_c = _limit(record, info)
     obs = record.observation if record is not None else None
     violating = set(record.violations) if record is not None else set()
+    cpu_limits = record.cpu_limits_c if record is not None else {}
 
     cpus: list[dict[str, Any]] = []
     temps: dict[int, float | None] = {}
@@ -347,6 +348,7 @@ def status_document(
                 "freq_khz": st.freq_khz if st is not None else None,
                 "cap_khz": st.cap_khz if st is not None else None,
                 "hw_max_khz": st.hw_max_khz if st is not None else None,
+                "limit_c": _num(cpu_limits[cpu][0]) if cpu in cpu_limits else None,
                 "violation": cpu in violating,
             }
         )

@@ -28,6 +28,10 @@ def run(policy, shield: bool, seed: int = 3) -> tuple[float, float, int]:
     for _ in range(int(DURATION_S / EPOCH_S)):
         rec = loop.tick()
         assert rec.landing_fraction == loop.shield.landing_fraction
+        # Each CPU's limit as the shield took it: the chip's 80 °C DTM (the simulated
+        # sensors report it, below the default 85 °C) or the 200 °C of "no shield".
+        assert rec.cpu_limits_c is loop.shield.last_limits_c and rec.cpu_limits_c.keys() == rec.observation.cpus.keys()
+        assert {lim for lim, _ in rec.cpu_limits_c.values()} == ({80.0} if shield else {200.0})
         landing.append(rec.landing_fraction)
         interventions += len(rec.shield)
         plat.advance(EPOCH_S)

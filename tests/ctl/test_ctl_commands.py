@@ -75,6 +75,7 @@ def tick(epoch: int) -> TickRecord:
         policy_name="onnx", observation=Observation(float(epoch), cpus, threads),
         decision=Decision(Action(), (MOVE, CAP)), shield=(CAP,), applied=ApplyResult(()),
         timings_s={"total": 0.0015}, limit_c=LIMIT_C, violations=(7,), landing_fraction=0.25,
+        cpu_limits_c={c: (LIMIT_C, 95.0) for c in TEMPS},
     )
 
 
@@ -211,6 +212,8 @@ def test_status_draws_the_heat_map_in_plain_text(running: tuple[Daemon, Path]) -
     assert "mode enforce" in out and "violations: CPUs 7 at/above the limit" in out
     assert "cpu 7: freq_cap by shield" in out  # recent shield interventions, with reasons
     assert "landing caps: idle CPUs held at 25% of their frequency range" in out
+    cpu7 = next(line for line in lines if line.split()[:1] == ["7"] and "coretemp" in line)
+    assert "81.5 C !" in cpu7 and cpu7.rstrip().endswith("80.0 C")  # the LIMIT column
     assert "llama-server" in out and "4-7" in out
 
 

@@ -128,6 +128,8 @@ def record(epoch: int, *, fallback: str | None = None, failed: bool = False, pau
         inference_s=0.00021,
         timings_s={"observe": 0.0004, "decide": 0.0003, "shield": 0.0001, "apply": 0.0002, "total": 0.0012},
         limit_c=LIMIT_C,
+        # cpu 7's sensor reports a lower maximum than the configured limit.
+        cpu_limits_c={c: ((LIMIT_C - 2.0, 90.0) if c == 7 else (LIMIT_C, 95.0)) for c in range(8)},
         violations=(7,),
     )
 
@@ -267,7 +269,9 @@ def test_status_document_joins_topology_records_and_history(daemon: FakeDaemon) 
     cpu7 = doc["cpus"][7]
     assert cpu7 == {"cpu": 7, "package": 0, "core": 7, "position": [1, 1, 1], "temp_c": 81.5,
                     "source": "sim/core7", "source_scope": "core", "source_reason": "simulated per-core sensor",
-                    "freq_khz": 3_000_000, "cap_khz": 2_400_000, "hw_max_khz": 4_000_000, "violation": True}
+                    "freq_khz": 3_000_000, "cap_khz": 2_400_000, "hw_max_khz": 4_000_000,
+                    "limit_c": LIMIT_C - 2.0, "violation": True}
+    assert {c["limit_c"] for c in doc["cpus"] if c["cpu"] != 7} == {LIMIT_C}
     assert [c["violation"] for c in doc["cpus"]].count(True) == 1
     hm = doc["heatmap"]
     assert hm["kind"] == "layers" and (hm["min_c"], hm["max_c"]) == (45.0, 80.0)
