@@ -35,6 +35,7 @@ from itertools import repeat
 from operator import attrgetter, sub
 
 from ailfmd.platform.base import Action, CpuState, Observation, ThreadRef, ThreadSample, Topology
+from ailfmd.platform.limits import cpu_limits_c
 from ailfmd.policy.base import Decision, Reason
 
 # Read in C for every CPU / sensor each epoch: what the per-CPU limits are made of, and
@@ -110,27 +111,7 @@ class SafetyShield:
         reports a maximum / critical temperature (hwmon ``tempN_max``/``_crit``, the
         simulated chip's DTM threshold)."""
         cfg = self.config
-        hw = {(r.sensor.chip, r.sensor.sensor): (r.max_c, r.crit_c) for r in obs.sensors} if cfg.follow_sensor_limits else {}
-        configured = (cfg.limit_c, max(cfg.critical_c, cfg.limit_c + 0.1))
-        out: dict[int, tuple[float, float]] = {}
-        by_source: dict[int, tuple[float, float]] = {}  # id(sensor) -> limits: CPUs share sensors
-        for cpu, st in obs.cpus.items():
-            src = st.temp.source
-            if src is None or not hw:
-                out[cpu] = configured
-                continue
-            pair = by_source.get(id(src))
-            if pair is None:
-                max_c, crit_c = hw.get((src.chip, src.sensor), (None, None))
-                if max_c is None and crit_c is None:
-                    pair = configured
-                else:
-                    limit = cfg.limit_c if max_c is None else min(cfg.limit_c, max_c)
-                    crit = cfg.critical_c if crit_c is None else min(cfg.critical_c, crit_c)
-                    pair = (limit, max(crit, limit + 0.1))
-                by_source[id(src)] = pair
-            out[cpu] = pair
-        return out
+        return cpu_limits_c(obs, cfg.limit_c, cfg.critical_c, follow_sensors=cfg.follow_sensor_limits)
 
     def _limits(
         self, obs: Observation, keys: list[int], states: list[CpuState]

@@ -11,7 +11,7 @@ float32 arrays laid out by :mod:`ailfmd.policy.feature_schema`:
 - ``pair_matrix()[n_threads * n_cpus, len(PAIR_COLUMNS)]``, thread-major, for a model
   that scores (thread, CPU) placements.
 
-Temperatures are read against each CPU's thermal limit (:func:`cpu_limits_c`): the
+Temperatures are read against each CPU's thermal limit (:func:`feature_limits_c`): the
 sensor's own maximum, lowered to the configured limit where one is given, so that a
 policy trained on a simulated 80 °C chip reads a real machine by its headroom.
 
@@ -30,6 +30,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from ailfmd.platform.base import Observation, ThreadRef, Topology
+from ailfmd.platform.limits import cpu_limits_c
 from ailfmd.policy import feature_schema as fsch
 from ailfmd.policy.feature_schema import (
     CORE_COLUMNS,
@@ -289,27 +290,22 @@ _KERNEL_VALUES = np.array([int(k) for k in fsch.KERNEL_CLASSES])
 assert all(_T[f"kernel_{k.key}"] == _KERNEL_COL0 + i for i, k in enumerate(fsch.KERNEL_CLASSES))
 
 
-def cpu_limits_c(obs: Observation, cpus: tuple[int, ...], limit_c: float | None = None) -> np.ndarray:
-    """Each CPU's thermal limit in °C, in ``cpus`` order, as the safety shield takes it:
-    the maximum reported by the sensor its temperature comes from, lowered to ``limit_c``
-    (the configured limit) where given; ``limit_c``, else ``DEFAULT_LIMIT_C``, for a CPU
-    whose sensor reports no maximum (or that has no sensor)."""
-    fallback = fsch.DEFAULT_LIMIT_C if limit_c is None else float(limit_c)
-    maxima = {(r.sensor.chip, r.sensor.sensor): r.max_c for r in obs.sensors if r.max_c is not None}
-    out = np.full(len(cpus), fallback)
-    for i, cpu in enumerate(cpus):
-        st = obs.cpus.get(cpu)
-        src = st.temp.source if st is not None else None
-        max_c = maxima.get((src.chip, src.sensor)) if src is not None else None
-        if max_c is not None:
-            out[i] = max_c if limit_c is None else min(max_c, fallback)
+def feature_limits_c(obs: Observation, cpus: tuple[int, ...], limit_c: float | None = None) -> np.ndarray:
+    """Each CPU's thermal limit in °C, in ``cpus`` order, by the shield's rule
+    (:func:`ailfmd.platform.limits.cpu_limits_c`): the maximum its sensor reports, lowered
+    to ``limit_c`` (the configured limit) where given; ``limit_c``, else
+    ``DEFAULT_LIMIT_C``, for a CPU whose sensor reports no maximum (or that has none)."""
+    configured = math.inf if limit_c is None else float(limit_c)
+    pairs = cpu_limits_c(obs, configured, math.inf)
+    out = np.array([pairs[c][0] if c in pairs else configured for c in cpus], dtype=float)
+    out[np.isinf(out)] = fsch.DEFAULT_LIMIT_C
     return out
 
 
 class FeatureExtractor:
     """Features of one machine. ``noc`` (a chip's ``NocSpec``) sets the simulated hop costs;
-    ``limit_c`` is the configured thermal limit (:func:`cpu_limits_c`; None: the sensors'
-    own maxima, else ``DEFAULT_LIMIT_C``)."""
+    ``limit_c`` is the configured thermal limit (:func:`feature_limits_c`; None: the
+    sensors' own maxima, else ``DEFAULT_LIMIT_C``)."""
 
     def __init__(self, topology: Topology, noc: object | None = None, limit_c: float | None = None) -> None:
         self.topology = topology
@@ -407,7 +403,7 @@ class FeatureExtractor:
         sources = [s.temp.source if s is not None else None for s in map(get, self.cpus)]
         cached = self._limits
         if cached is None or cached[0] != sensors or cached[1] != sources:
-            limits = cpu_limits_c(obs, self.cpus, self.limit_c)
+            limits = feature_limits_c(obs, self.cpus, self.limit_c)
             cached = self._limits = (sensors, sources, limits, limits - fsch.TEMP_SCALE_C)
         return cached[2], cached[3]
 
@@ -592,5 +588,5 @@ def extract_features(obs: Observation, topology: Topology, prev: Observation | N
     return FeatureExtractor(topology, noc, limit_c).extract(obs, prev, epoch_s)
 
 
-__all__ = ["FEATURE_SCHEMA", "FeatureExtractor", "FeatureSet", "build_pair_matrix", "build_pair_own", "cpu_limits_c",
-           "extract_features", "infer_kernel_class"]
+__all__ = ["FEATURE_SCHEMA", "FeatureExtractor", "FeatureSet", "build_pair_matrix", "build_pair_own",
+           "extract_features", "feature_limits_c", "infer_kernel_class"]
