@@ -127,22 +127,24 @@ class Daemon:
         return loaded
 
     def _telemetry(self, cfg: DaemonConfig) -> TelemetryRecorder | None:
-        if cfg.telemetry.path is None:
-            return None
-        rec = TelemetryRecorder(cfg.telemetry, self.platform.topology, platform=self.platform_name,
-                                epoch_ms=cfg.daemon.epoch_ms, limit_c=cfg.safety.limit_c)
-        if rec.error is None:
-            log.info("telemetry: every %d epochs to %s", cfg.telemetry.every_epochs, cfg.telemetry.path)
+        """The recorder ``cfg`` asks for (None: off), with the metrics told so."""
+        rec = None
+        if cfg.telemetry.path is not None:
+            rec = TelemetryRecorder(cfg.telemetry, self.platform.topology, platform=self.platform_name,
+                                    epoch_ms=cfg.daemon.epoch_ms, limit_c=cfg.safety.limit_c)
+            if rec.error is None:
+                log.info("telemetry: every %d epochs to %s", cfg.telemetry.every_epochs, cfg.telemetry.path)
+        self.metrics.set_telemetry(None if rec is None else 0, rec is not None and rec.error is None)
         return rec
 
     def _record_telemetry(self, record: TickRecord) -> None:
         tel = self.telemetry
         if tel is None:
-            self.metrics.set_telemetry(None, False)
             return
-        before = tel.records
+        before, was_up = tel.records, tel.error is None
         tel.add(record)
-        self.metrics.set_telemetry(tel.records - before, tel.error is None)
+        if tel.records != before or (tel.error is None) != was_up:  # most epochs record nothing
+            self.metrics.set_telemetry(tel.records - before, tel.error is None)
 
     # ------------------------------------------------------------------ set-up
     def start_services(self) -> None:

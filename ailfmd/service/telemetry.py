@@ -121,7 +121,7 @@ class TelemetryRecorder:
             meta, arrays = self._step(rec, prev)
             self._writer.append("step", meta, arrays)
             self.records += 1
-            if self.path.stat().st_size >= self.settings.max_mib * MIB:
+            if self._writer.size >= self.settings.max_mib * MIB:
                 self._writer.close()
                 self._rotate()
                 self._writer = self._open()

@@ -335,6 +335,11 @@ class RecordWriter:
         self._write(_encode(kind, {} if meta is None else meta, arrays or {}, where))
         return offset
 
+    @property
+    def size(self) -> int:
+        """The file's size in bytes: where the next record goes."""
+        return self._size
+
     def flush(self, sync: bool = True) -> None:
         """Records are not buffered (one write() each), so this only fsyncs, when ``sync``."""
         if self._fd is not None and sync:

@@ -99,8 +99,9 @@ def test_reopen_and_append_keeps_old_records(tmp_path: Path) -> None:
     _write_sample(path)
     for header in (HEADER, None):
         with RecordWriter(path, header) as w:
-            assert w.repaired_bytes == 0
-            w.append("run", {"episode": 1}, {"x": np.ones(2, np.float64)})
+            assert w.repaired_bytes == 0 and w.size == path.stat().st_size
+            at = w.append("run", {"episode": 1}, {"x": np.ones(2, np.float64)})
+            assert at < w.size == path.stat().st_size  # the next record goes at the end
     records = list(read_records(path))
     _assert_sample(records[:5])
     assert [r.meta for r in records[5:]] == [{"episode": 1}, {"episode": 1}]
