@@ -103,7 +103,8 @@ class TelemetryRecorder:
         return old
 
     def _fail(self, e: BaseException) -> None:
-        self.error = f"{self.path}: {e}"
+        msg = str(e) or type(e).__name__
+        self.error = msg if str(self.path) in msg else f"{self.path}: {msg}"
         log.error("telemetry switched off until the next reload: %s", self.error)
         if self._writer is not None:
             try:
@@ -125,7 +126,7 @@ class TelemetryRecorder:
                 self._writer.close()
                 self._rotate()
                 self._writer = self._open()
-        except (AilfmError, OSError, ValueError) as e:
+        except Exception as e:  # whatever went wrong, telemetry must not cost an epoch
             self._fail(e)
 
     def close(self) -> None:

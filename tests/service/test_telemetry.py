@@ -215,3 +215,26 @@ def test_on_a_linux_machine_tree_it_records_the_managed_threads(machine_sys, tmp
         # The fixture's coretemp sensors report 86 °C; the configured 85 °C is lower.
         assert set(a["limit_c"].tolist()) == {85.0}
         assert step.meta["mode"] == "observe" and step.meta["applied"] is False
+
+
+def test_anything_going_wrong_in_a_record_switches_telemetry_off_once(tmp_path: Path) -> None:
+    """Not only write errors: whatever breaks while building a record stops telemetry with
+    its reason, and the epochs after it are not touched again."""
+    from ailfmd.service.telemetry import TelemetryRecorder
+
+    d = sim_daemon(tmp_path, TelemetrySettings())
+    calls = []
+
+    def broken_topology():  # type: ignore[no-untyped-def]
+        calls.append(1)
+        raise RuntimeError("topology went away")
+
+    try:
+        ticks = [d.loop.tick() for _ in range(3)]
+    finally:
+        d.shutdown()
+    rec = TelemetryRecorder(TelemetrySettings(path=tmp_path / "t.rec", every_epochs=1), broken_topology,
+                            platform="sim:test", epoch_ms=100)
+    for tick in ticks:
+        rec.add(tick)  # never raises
+    assert rec.error == f"{tmp_path / 't.rec'}: topology went away" and rec.records == 0 and calls == [1]
