@@ -136,6 +136,8 @@ def main() -> None:
     ap.add_argument("--observe-only", action="store_true",
                     help="time platform.observe() alone, at 10 Hz and back to back")
     args = ap.parse_args()
+    if not 10 <= args.epoch_ms <= 10_000:  # the daemon's own range (config.EPOCH_MS_RANGE)
+        ap.error(f"--epoch-ms {args.epoch_ms}: must be between 10 and 10000")
     tmp = Path(tempfile.mkdtemp(prefix="ailfmd-bench", dir="/tmp"))
     sysfs = build_large(tmp, n_cpus=args.cpus, packages=2)
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(args.threads)], stdin=subprocess.PIPE,
