@@ -40,7 +40,7 @@ from machines import build_large  # noqa: E402
 
 from ailfmd.platform.linux.perf import ThreadCounters  # noqa: E402
 from ailfmd.platform.linux.targets import TargetSelector  # noqa: E402
-from ailfmd.service.config import DaemonConfig  # noqa: E402
+from ailfmd.service.config import EPOCH_MS_RANGE, DaemonConfig  # noqa: E402
 from ailfmd.service.daemon import Daemon  # noqa: E402
 
 # Inference-like workers that mostly wait (on this 2-core machine busy ones would steal
@@ -136,8 +136,9 @@ def main() -> None:
     ap.add_argument("--observe-only", action="store_true",
                     help="time platform.observe() alone, at 10 Hz and back to back")
     args = ap.parse_args()
-    if not 10 <= args.epoch_ms <= 10_000:  # the daemon's own range (config.EPOCH_MS_RANGE)
-        ap.error(f"--epoch-ms {args.epoch_ms}: must be between 10 and 10000")
+    lo, hi = EPOCH_MS_RANGE  # the daemon's own range
+    if not lo <= args.epoch_ms <= hi:
+        ap.error(f"--epoch-ms {args.epoch_ms}: must be between {lo} and {hi}")
     tmp = Path(tempfile.mkdtemp(prefix="ailfmd-bench", dir="/tmp"))
     sysfs = build_large(tmp, n_cpus=args.cpus, packages=2)
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(args.threads)], stdin=subprocess.PIPE,
