@@ -13,11 +13,12 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 from ailfmd.control.records import MODES, TickRecord
 from ailfmd.control.shield import SafetyShield
-from ailfmd.platform.base import Action, Observation, Platform, ThreadRef
+from ailfmd.platform.base import Action, ApplyOutcome, Observation, Platform, ThreadRef
+from ailfmd.platform.linux.sysfs import format_cpu_list
 from ailfmd.policy.base import Decision, Policy, Reason
 
 log = logging.getLogger("ailfmd.loop")
@@ -25,6 +26,47 @@ log = logging.getLogger("ailfmd.loop")
 Sink = Callable[[TickRecord], None]
 _INT_ONLY = frozenset({int})  # the value types of a cap mapping that needs no per-cap check
 SHIELD_SUMMARY_S = 60.0  # how often a still-acting shield is summarised in the journal
+
+
+class RefusalLog:
+    """Journals changes the platform refused, without flooding the journal.
+
+    A refusal repeats every epoch while its cause lasts (a CPU outside a cpuset that
+    nobody reported, a thread without the right to change it): each distinct refusal
+    (target and reason) is logged once, repeats are counted and summarised at most once
+    per ``every_s``, and a refusal not seen for ``forget_s`` is logged again when it
+    comes back. ``ailfm_apply_failures_total`` counts every one.
+    """
+
+    def __init__(self, every_s: float = SHIELD_SUMMARY_S, forget_s: float = 3600.0, max_keys: int = 4096) -> None:
+        self.every_s = every_s
+        self.forget_s = forget_s
+        self.max_keys = max_keys
+        self._seen: dict[tuple[str, str], float] = {}  # (target, reason) -> last seen
+        self._repeats = 0
+        self._summary_s: float | None = None
+
+    def report(self, outcomes: Iterable[ApplyOutcome], now_s: float) -> None:
+        seen = self._seen
+        for o in outcomes:
+            if o.ok:
+                continue
+            key = (o.target, o.detail)
+            last = seen.get(key)
+            if last is None or now_s - last >= self.forget_s:
+                if len(seen) >= self.max_keys:
+                    seen.clear()  # bounded: threads come and go
+                log.warning("could not apply %s = %s: %s", o.target, o.requested, o.detail)
+            else:
+                self._repeats += 1
+            seen[key] = now_s
+        if self._summary_s is None:
+            self._summary_s = now_s
+        elif self._repeats and now_s - self._summary_s >= self.every_s:
+            log.warning("%d refused change(s) repeated in the last %.0f s, each logged once when first refused",
+                        self._repeats, now_s - self._summary_s)
+            self._repeats = 0
+            self._summary_s = now_s
 
 
 class PolicyOutputError(ValueError):
@@ -58,8 +100,31 @@ def validate_decision(decision: object, obs: Observation) -> Decision:
         if not cpus or not set(cpus) <= online_set:
             raise PolicyOutputError(f"affinity for thread {ref.tid} is {sorted(cpus)!r}, not a set of online CPUs")
     # Threads that are no longer observed are dropped: the policy saw an older world.
-    affinity = {ref: frozenset(c) for ref, c in decision.action.affinity.items() if ref.tid in obs.threads}
-    return Decision(Action(affinity=affinity, freq_cap_khz=clean_caps), decision.reasons, decision.info)
+    affinity: dict[ThreadRef, frozenset[int]] = {}
+    outside: list[Reason] = []
+    threads = obs.threads
+    for ref, c in decision.action.affinity.items():
+        sample = threads.get(ref.tid)
+        if sample is None:
+            continue
+        cpus = frozenset(c)
+        inside = sample.cpuset
+        if inside is not None and not cpus <= inside:
+            # The kernel would refuse (EINVAL) or narrow it, every epoch: keep what is
+            # inside the thread's cpuset, or leave the thread where it is.
+            cpus = cpus & inside
+            if not cpus:
+                outside.append(Reason(
+                    f"thread {ref.tid}", "placement", "cpuset",
+                    f"asked for cpus {format_cpu_list(c)}, outside its cpuset {format_cpu_list(inside)}: not moved"))
+                continue
+        affinity[ref] = cpus
+    reasons = decision.reasons
+    if outside:
+        # The policy's reasons for placements that are not made would mislead `explain`.
+        gone = {r.target for r in outside}
+        reasons = tuple(r for r in reasons if not (r.kind == "placement" and r.target in gone)) + tuple(outside)
+    return Decision(Action(affinity=affinity, freq_cap_khz=clean_caps), reasons, decision.info)
 
 
 @dataclass
@@ -81,6 +146,7 @@ class ControlLoop:
         self._shield_acting = False
         self._shield_logged_s = 0.0
         self._last_fallback: str | None = None
+        self._refusals = RefusalLog()
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r}: must be one of {', '.join(MODES)}")
         self.reset()
@@ -162,9 +228,7 @@ class ControlLoop:
         applied = None
         if self.mode == "enforce":
             applied = self.platform.apply(decision.action)
-            for o in applied.outcomes:
-                if not o.ok:
-                    log.warning("could not apply %s = %s: %s", o.target, o.requested, o.detail)
+            self._refusals.report(applied.outcomes, time.monotonic())
         t4 = self.perf_clock()
         # Computed by filter() for this observation.
         shield = self.shield

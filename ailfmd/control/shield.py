@@ -350,13 +350,15 @@ class SafetyShield:
         asks for, except a thread's own CPU when it is asked to stay there (that is not
         new work; moving the busiest thread off is :meth:`_move_hottest_threads`' job).
         A set left empty gets the next coolest CPU no other displaced thread got, so
-        displaced threads spread out instead of piling onto the single coolest CPU."""
+        displaced threads spread out instead of piling onto the single coolest CPU, inside
+        the thread's cpuset."""
         if not hot or not affinity:
             return []
         hot_set = set(hot)
         margin = self.config.margin_c
         cool = _coolest_first(obs, limits, margin, hot_set)
         last_cpu = {s.ref: s.last_cpu for s in obs.threads.values()}
+        cpuset = {s.ref: s.cpuset for s in obs.threads.values()}
         given: set[int] = set()
         changed = 0
         for ref, cpus in list(affinity.items()):
@@ -366,7 +368,9 @@ class SafetyShield:
                 continue  # staying put on its own CPU
             keep = cpus - hot_set
             if not keep:
-                free = [c for c in cool if c not in given] or cool
+                inside = cpuset.get(ref)
+                mine = cool if inside is None else [c for c in cool if c in inside]
+                free = [c for c in mine if c not in given] or mine
                 if not free:
                     continue  # nowhere cooler to go; caps and DTM protect
                 keep = frozenset(free[: len(cpus)])
@@ -404,7 +408,7 @@ class SafetyShield:
         affinity: dict[ThreadRef, frozenset[int]],
         caps: dict[int, int],
     ) -> list[Reason]:
-        """Each hot CPU's busiest thread goes to the coolest CPU (idle ones first), and
+        """Each hot CPU's busiest thread goes to the coolest CPU of its cpuset (idle ones first), and
         takes no faster clock there than the shield leaves on the CPU it leaves (its cut
         cap, else the cap it ran under): a cool idle CPU usually carries a high cap
         (nothing runs there), and the thread that just heated one core would heat the
@@ -433,9 +437,10 @@ class SafetyShield:
             if not threads:
                 continue
             hottest = max(threads, key=lambda th: (th.counters.get("instructions", 0.0), th.counters.get("run_ns", 0.0)))
-            target = next((c for _, c in cool if c not in used), None)
+            inside = hottest.cpuset
+            target = next((c for _, c in cool if c not in used and (inside is None or c in inside)), None)
             if target is None:
-                break
+                continue  # no cool CPU left (inside its cpuset): its CPU's cap protects it
             used.add(target)
             affinity[hottest.ref] = frozenset({target})
             src, dst = obs.cpus[cpu], obs.cpus[target]

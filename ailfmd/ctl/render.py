@@ -212,11 +212,12 @@ def render_status(doc: Mapping[str, Any], color: bool) -> str:
     out.append("")
     if doc["threads"]:
         rows = [
-            [str(t["tid"]), str(t["pid"]), t["comm"], t["cpu_list"], "-" if t["last_cpu"] is None else str(t["last_cpu"])]
+            [str(t["tid"]), str(t["pid"]), t["comm"], t["cpu_list"], t.get("cpuset") or "-",
+             "-" if t["last_cpu"] is None else str(t["last_cpu"])]
             for t in doc["threads"]
         ]
         out.append("Managed threads:")
-        out += _table(["TID", "PID", "COMM", "CPUS", "LAST CPU"], rows)
+        out += _table(["TID", "PID", "COMM", "CPUS", "CPUSET", "LAST CPU"], rows)
     else:
         out.append("Managed threads: none")
     out.append("")

@@ -158,6 +158,9 @@ class ThreadSample:
     # thread less often than every observation reports the per-observation share of
     # the window it measured (deltas x interval / window), so rates stay right.
     counters: Mapping[str, float] = field(default_factory=dict)
+    # The CPUs its cgroup's cpuset lets it run on (cpuset.cpus.effective): a placement
+    # outside them is refused by the kernel. None when not known or not restricted.
+    cpuset: frozenset[int] | None = None
 
 
 # --------------------------------------------------------------------------- capabilities

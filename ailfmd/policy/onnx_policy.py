@@ -247,6 +247,7 @@ class OnnxPolicy:
             pair = np.asarray(pair_out, dtype=np.float32).reshape(k, len(fs.cpus))
             if not all_finite(pair):
                 raise AilfmError(f"{self.name}: the model returned NaN or infinity")
+            outside_cpusets(pair, obs, fs, move)
         return fs, cap_frac, move_prob, move, pair
 
     def decide(self, obs: Observation) -> Decision:
@@ -276,6 +277,24 @@ class OnnxPolicy:
         for cpu in guarded:
             rows_khz[index[cpu]] = by_cpu[cpu]
         return rows_khz, guarded
+
+
+def outside_cpusets(pair: np.ndarray, obs: Observation, fs: FeatureSet, move: np.ndarray) -> None:
+    """Score every CPU outside a moving thread's cpuset below any the model can give
+    (its scores are probabilities), in place: ``place`` then sends the thread there only
+    when every CPU inside is taken, and the loop drops that placement."""
+    threads = obs.threads
+    tids = fs.tids
+    sets = [threads[tids[t]].cpuset for t in np.flatnonzero(move).tolist()]
+    if not any(cs is not None for cs in sets):
+        return
+    index = fs.cpu_index
+    for row, inside in enumerate(sets):
+        if inside is not None:
+            cols = [index[c] for c in inside if c in index]
+            keep = pair[row, cols]
+            pair[row] = -1.0
+            pair[row, cols] = keep
 
 
 def all_finite(a: np.ndarray) -> bool:

@@ -364,6 +364,7 @@ def status_document(
                     "comm": s.comm,
                     "cpus": sorted(s.affinity),
                     "cpu_list": format_cpu_list(s.affinity),
+                    "cpuset": None if s.cpuset is None else format_cpu_list(s.cpuset),
                     "last_cpu": s.last_cpu,
                 }
             )

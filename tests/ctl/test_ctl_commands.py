@@ -158,7 +158,7 @@ def test_status_json(running: tuple[Daemon, Path]) -> None:
     assert doc["cpus"][7]["source"] == "platform_coretemp_0/temp9" and doc["cpus"][7]["violation"] is True
     assert doc["heatmap"]["kind"] == ("layers" if d.topology.cpus[0].position else "packages")
     assert doc["threads"] == [{"tid": 501, "pid": 500, "comm": "llama-server", "cpus": [4, 5, 6, 7],
-                               "cpu_list": "4-7", "last_cpu": 7}]
+                               "cpu_list": "4-7", "cpuset": None, "last_cpu": 7}]
     assert doc["last_epoch"]["landing_cap_fraction"] == 0.25
 
 

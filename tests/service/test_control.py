@@ -95,7 +95,8 @@ def observation(temps: Mapping[int, float] | None = None) -> Observation:
     }
     threads = {
         4243: ThreadSample(ThreadRef(4242, 4243, 100), "llama-server", 1, frozenset({0, 1})),
-        4244: ThreadSample(ThreadRef(4242, 4244, 101), "llama-server", 7, frozenset({6, 7})),
+        4244: ThreadSample(ThreadRef(4242, 4244, 101), "llama-server", 7, frozenset({6, 7}), {},
+                           frozenset({4, 5, 6, 7})),
     }
     sensors = tuple(TempReading(sensor(c), temps[c]) for c in range(8))
     return Observation(time_s=12.5, cpus=cpus, threads=threads, sensors=sensors)
@@ -283,7 +284,8 @@ def test_status_document_joins_topology_records_and_history(daemon: FakeDaemon) 
                 cpu = layer * 4 + r * 2 + c
                 assert g["cells"][r][c] == {"cpu": cpu, "temp_c": temp_of(cpu)}
     assert doc["threads"][1] == {"tid": 4244, "pid": 4242, "comm": "llama-server", "cpus": [6, 7],
-                                 "cpu_list": "6-7", "last_cpu": 7}
+                                 "cpu_list": "6-7", "cpuset": "4-7", "last_cpu": 7}
+    assert doc["threads"][0]["cpuset"] is None  # no cpuset known: unrestricted
     assert doc["shield"]["total"] == 3
     assert doc["shield"]["recent"][0]["epoch"] == 2 and doc["shield"]["recent"][0]["threshold_c"] == 78.0
     # Two fallback epochs in a row make one episode.

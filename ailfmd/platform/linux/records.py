@@ -50,9 +50,9 @@ def _temp_reading(sensor, temp_c, error=None, max_c=None, crit_c=None):  # type:
     return s
 
 
-def _thread_sample(ref, comm, last_cpu, affinity, counters):  # type: ignore[no-untyped-def]
+def _thread_sample(ref, comm, last_cpu, affinity, counters, cpuset=None):  # type: ignore[no-untyped-def]
     s = _new(ThreadSample)
-    s.__dict__.update(ref=ref, comm=comm, last_cpu=last_cpu, affinity=affinity, counters=counters)
+    s.__dict__.update(ref=ref, comm=comm, last_cpu=last_cpu, affinity=affinity, counters=counters, cpuset=cpuset)
     return s
 
 
@@ -71,5 +71,5 @@ make_temp_reading: Callable[..., TempReading] = _pick(  # type: ignore[assignmen
     TempReading, ("sensor", "temp_c", "error", "max_c", "crit_c"), _temp_reading
 )
 make_thread_sample: Callable[..., ThreadSample] = _pick(  # type: ignore[assignment]
-    ThreadSample, ("ref", "comm", "last_cpu", "affinity", "counters"), _thread_sample
+    ThreadSample, ("ref", "comm", "last_cpu", "affinity", "counters", "cpuset"), _thread_sample
 )

@@ -43,6 +43,7 @@ from ailfmd.errors import NoSuchThread, SysfsError, ThreadReused, WriteRefused
 from ailfmd.platform.base import ApplyOutcome, Capability, ThreadRef, ThreadSample
 from ailfmd.platform.linux import procfs as pfs
 from ailfmd.platform.linux.affinity import get_affinity, set_affinity
+from ailfmd.platform.linux.cpusets import process_cpuset
 from ailfmd.platform.linux.journal import Journal
 from ailfmd.platform.linux.perf import HARDWARE_EVENT_NAMES, SOFTWARE_EVENT_NAMES, ThreadCounters, probe_pmu
 from ailfmd.platform.linux.records import make_thread_sample
@@ -67,6 +68,7 @@ class _Tracked:
     comm: str = ""
     last_cpu: int | None = None
     stat_stale: bool = True  # comm and last_cpu must be read from stat at the next measurement
+    cpuset: frozenset[int] | None = None  # its process's cpuset, re-read at every re-discovery
 
     def close(self) -> None:
         for fd in (self.stat_fd, self.sched_fd):
@@ -124,6 +126,7 @@ class ThreadTracker:
         self._pmu: dict[str, str | None] = probe_pmu() if use_perf else {}
         self._events = tuple(n for n, why in self._pmu.items() if why is None)
         self._schedstat_ok = os.path.exists(procfs.join("self/schedstat"))
+        self._cpuset_error: str | None = None  # the last cpuset that could not be read, and why
 
     def set_selector(self, selector: TargetSelector) -> None:
         self.selector = selector
@@ -145,7 +148,11 @@ class ThreadTracker:
                 if self._schedstat_ok
                 else "schedstat absent (kernel without CONFIG_SCHED_INFO)",
             ),
-            "affinity": Capability(True, "sched_setaffinity per thread, start time checked first"),
+            "affinity": Capability(
+                True,
+                "sched_setaffinity per thread, start time checked first, within each process's cpuset"
+                + (f" (not known for one: {self._cpuset_error})" if self._cpuset_error else ""),
+            ),
         }
 
     # ------------------------------------------------------------------ discovery
@@ -174,14 +181,32 @@ class ThreadTracker:
         for tr in self._tracked.values():
             tr.affinity = None
         self._check_affinity = True
+        cpusets = self._cpusets({r.pid for r in wanted.values()})
         for tid, ref in wanted.items():
-            if tid not in self._tracked:
+            tr = self._tracked.get(tid)
+            if tr is None:
                 try:
                     tr = self._tracked[tid] = self._open(ref)
                 except (NoSuchThread, ThreadReused, SysfsError):
                     continue  # gone between discovery and open
                 self._pending[tid] = tr  # a first sample at once
+            tr.cpuset = cpusets.get(ref.pid)
         self._epochs_since_discovery = 0
+
+    def _cpusets(self, pids: set[int]) -> dict[int, frozenset[int] | None]:
+        """Each process's cpuset (None: unknown, so unrestricted). Read once per process
+        and re-discovery: a cpuset changes when an operator or a container runtime moves
+        the service, which the next re-discovery then sees."""
+        out: dict[int, frozenset[int] | None] = {}
+        for pid in pids:
+            try:
+                out[pid] = process_cpuset(self.procfs, self.cgroupfs, pid)
+            except NoSuchThread:
+                out[pid] = None
+            except SysfsError as e:
+                self._cpuset_error = str(e)
+                out[pid] = None
+        return out
 
     def _open(self, ref: ThreadRef) -> _Tracked:
         base = self.procfs.join(f"{ref.pid}/task/{ref.tid}")
@@ -268,11 +293,12 @@ class ThreadTracker:
                     except NoSuchThread:
                         gone.add(tid)
                         continue
-                    if got == last.affinity:
+                    if got == last.affinity and tr.cpuset == last.cpuset:
                         tr.affinity = last.affinity
                     else:
                         tr.affinity = got
-                        samples[tid] = ThreadSample(last.ref, last.comm, last.last_cpu, got, last.counters)
+                        samples[tid] = ThreadSample(last.ref, last.comm, last.last_cpu, got, last.counters,
+                                                    tr.cpuset)
         for tid in gone:
             self._drop(tid)
         return dict(samples)
@@ -314,7 +340,7 @@ class ThreadTracker:
         if tr.affinity is None:
             tr.affinity = get_affinity(tid)
         tr.measured_s = now
-        return make_thread_sample(ref, tr.comm, tr.last_cpu, tr.affinity, counters)
+        return make_thread_sample(ref, tr.comm, tr.last_cpu, tr.affinity, counters, tr.cpuset)
 
     @staticmethod
     def _read_stat(tr: _Tracked) -> None:
