@@ -234,7 +234,7 @@ class OnnxPolicy:
         move_prob = np.asarray(move_out, dtype=np.float32).reshape(-1)
         if not (all_finite(cap_frac) and all_finite(move_prob)):
             raise AilfmError(f"{self.name}: the model returned NaN or infinity")
-        move = (move_prob >= self.move_threshold) | forced_movers(fs.last_cpu_index, len(fs.cpus))
+        move = (move_prob >= self.move_threshold) | forced_movers(fs.last_cpu_index, cpus_to_share(obs, fs))
         k = int(np.count_nonzero(move))
         pair = np.zeros((k, len(fs.cpus)), dtype=np.float32)
         if k:
@@ -279,10 +279,21 @@ class OnnxPolicy:
         return rows_khz, guarded
 
 
+def cpus_to_share(obs: Observation, fs: FeatureSet) -> int:
+    """How many CPUs the managed threads may use: the online CPUs, or those of their
+    cpusets when every thread has one. With more threads than that, threads must share
+    CPUs, and ``forced_movers`` must not ask for a CPU of its own for each."""
+    room: set[int] = set()
+    for sample in obs.threads.values():
+        if sample.cpuset is None:
+            return len(fs.cpus)
+        room |= sample.cpuset
+    return len(room & fs.cpu_index.keys()) if room else len(fs.cpus)
+
+
 def outside_cpusets(pair: np.ndarray, obs: Observation, fs: FeatureSet, move: np.ndarray) -> None:
-    """Score every CPU outside a moving thread's cpuset below any the model can give
-    (its scores are probabilities), in place: ``place`` then sends the thread there only
-    when every CPU inside is taken, and the loop drops that placement."""
+    """Score every CPU outside a moving thread's cpuset -inf, in place: ``place`` never
+    sends a thread there (a mover whose cpuset has no free CPU left stays where it is)."""
     threads = obs.threads
     tids = fs.tids
     sets = [threads[tids[t]].cpuset for t in np.flatnonzero(move).tolist()]
@@ -293,7 +304,7 @@ def outside_cpusets(pair: np.ndarray, obs: Observation, fs: FeatureSet, move: np
         if inside is not None:
             cols = [index[c] for c in inside if c in index]
             keep = pair[row, cols]
-            pair[row] = -1.0
+            pair[row] = -np.inf
             pair[row, cols] = keep
 
 

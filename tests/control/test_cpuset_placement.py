@@ -129,3 +129,21 @@ def test_a_refusal_repeated_every_epoch_is_logged_once_then_summarised(caplog: p
         log.report([outcome("thread 5", False, einval)], 700.0)  # back after forget_s: again
     assert [r.getMessage() for r in caplog.records] == [f"could not apply thread 7 = 9: {einval}",
                                                         f"could not apply thread 5 = 9: {einval}"]
+
+
+def test_more_threads_than_their_cpuset_share_it_without_placements_outside() -> None:
+    """Threads outnumber their cpuset's CPUs: they share them, and the policy asks for
+    nothing outside (no CPU of its own for each, as on a machine with room)."""
+    plat = SimPlatform(load_chip("3d-64"), load_workload("decode-heavy"), seed=3, duration_s=5.0)
+    policy = OnnxPolicy(POLICY, service=False)
+    policy.reset(plat.topology(), plat.capabilities())
+    plat.advance(2.0)
+    obs = plat.observe()
+    small = frozenset({60, 61, 62, 63})
+    assert len(obs.threads) > len(small)
+    # As the kernel keeps them: every thread on a CPU of its cpuset.
+    confined = replace(obs, threads={t: replace(s, cpuset=small, last_cpu=60 + i % 4, affinity=small)
+                                     for i, (t, s) in enumerate(sorted(obs.threads.items()))})
+    got = validate_decision(policy.decide(confined), confined)
+    assert got.action.affinity and all(cpus <= small for cpus in got.action.affinity.values())
+    assert not any(r.source == "cpuset" for r in got.reasons)
