@@ -2,10 +2,11 @@
 
     .venv/bin/python benchmarks/bench_daemon.py [--seconds 120] [--cpus 64] [--threads 64]
         [--thread-sample-every N] [--changing-inputs] [--cached-observation] [--observe-only]
-        [--epoch-ms 100]
+        [--epoch-ms 100] [--policy stepwise|onnx]
 
-Runs the real daemon (LinuxPlatform on a generated Xeon-like tree, stepwise policy,
-safety shield, metrics, control socket, history) at 10 Hz in enforce mode, managing the
+Runs the real daemon (LinuxPlatform on a generated Xeon-like tree, the ``stepwise``
+baseline or, with ``--policy onnx``, the shipped learned policy as the daemon runs it by
+default, safety shield, metrics, control socket, history) at 10 Hz in enforce mode, managing the
 threads of a real child process. Prints the epoch duration (median, p99), the daemon's
 CPU use as a share of one core, and its RSS over the run. Targets: median epoch <= 2 ms,
 CPU <= 0.5 % of one core, RSS stable.
@@ -42,6 +43,9 @@ from ailfmd.platform.linux.perf import ThreadCounters  # noqa: E402
 from ailfmd.platform.linux.targets import TargetSelector  # noqa: E402
 from ailfmd.service.config import EPOCH_MS_RANGE, DaemonConfig  # noqa: E402
 from ailfmd.service.daemon import Daemon  # noqa: E402
+
+# The daemon's default policy file, as installed from this tree.
+SHIPPED_POLICY = Path(__file__).resolve().parents[1] / "policies" / "default.onnx"
 
 # Inference-like workers that mostly wait (on this 2-core machine busy ones would steal
 # the CPU the daemon is measured on).
@@ -135,6 +139,9 @@ def main() -> None:
                     help="after the warm-up, reuse one observation: measure everything but observe")
     ap.add_argument("--observe-only", action="store_true",
                     help="time platform.observe() alone, at 10 Hz and back to back")
+    ap.add_argument("--policy", choices=("stepwise", "onnx"), default="stepwise",
+                    help="who decides: the stepwise baseline (default) or policies/default.onnx, "
+                         "the daemon's default policy")
     args = ap.parse_args()
     lo, hi = EPOCH_MS_RANGE  # the daemon's own range
     if not lo <= args.epoch_ms <= hi:
@@ -157,7 +164,9 @@ def main() -> None:
                 thread_sample_every=args.thread_sample_every or base.platform.thread_sample_every,
             ),
             targets=TargetSelector(pids=(child.pid,)),
-            policy=dataclasses.replace(base.policy, kind="baseline", baseline="stepwise", fallback="linux"),
+            policy=(dataclasses.replace(base.policy, kind="baseline", baseline="stepwise", fallback="linux")
+                    if args.policy == "stepwise" else
+                    dataclasses.replace(base.policy, kind="onnx", path=SHIPPED_POLICY, fallback="stepwise")),
             metrics=dataclasses.replace(base.metrics, port=free_port()),
             control=dataclasses.replace(base.control, socket=tmp / "c.sock"),
         )
@@ -215,7 +224,8 @@ def main() -> None:
               f"over {w1 - w0:.0f} s, "
               f"thread counters every {every} epoch{'s' if every > 1 else ''}"
               + (", temperatures and frequencies changing every epoch" if writer else "")
-              + (", one cached observation" if args.cached_observation else ""))
+              + (", one cached observation" if args.cached_observation else "")
+              + f", policy {daemon.loop.policy.name}")
         print(f"epoch: median {statistics.median(s) * 1e3:.2f} ms, p99 {s[int(0.99 * len(s))] * 1e3:.2f} ms")
         print("phases (median ms): " + ", ".join(f"{k} {statistics.median(v) * 1e3:.2f}" for k, v in phases.items()))
         print(f"CPU: {100 * (c1 - c0) / (w1 - w0):.2f} % of one core")

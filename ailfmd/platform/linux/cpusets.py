@@ -7,7 +7,7 @@ inference server this way, so a placement must be chosen inside the set, not dis
 by the kernel refusing it every epoch.
 
 The set is the cgroup's ``cpuset.cpus.effective`` (cgroup v2) or, where the cpuset
-controller is mounted as a v1 hierarchy (``<cgroupfs>/cpuset``), its
+controller is mounted as a v1 hierarchy (``/sys/fs/cgroup/cpuset``), its
 ``cpuset.effective_cpus`` (``cpuset.cpus`` on kernels without it). A cgroup without the
 file (v2: the cpuset controller is not enabled for it) has its parent's set, so the
 lookup walks up to the root. None: no cpuset is known (no cgroup file system at the
@@ -22,7 +22,7 @@ from ailfmd.platform.linux.sysfs import Root, parse_cpu_list
 
 V2_FILES = ("cpuset.cpus.effective",)
 V1_FILES = ("cpuset.effective_cpus", "cpuset.cpus")
-V1_MOUNT = "cpuset"  # the v1 hierarchy's directory under the cgroup root
+V1_MOUNT = "cpuset"  # the v1 hierarchy's directory under the cgroup mount point
 
 
 def read_cpuset(cgroupfs: Root, path: str, files: tuple[str, ...]) -> frozenset[int] | None:
@@ -53,16 +53,18 @@ def read_cpuset(cgroupfs: Root, path: str, files: tuple[str, ...]) -> frozenset[
         parts.pop()
 
 
-def process_cpuset(procfs: Root, cgroupfs: Root, pid: int) -> frozenset[int] | None:
+def process_cpuset(procfs: Root, cgroup2: Root, cpuset_v1: Root, pid: int) -> frozenset[int] | None:
     """The CPUs the cpuset of ``pid``'s cgroup allows, None when unknown (see the module
-    docstring). NoSuchThread when the process is gone, SysfsError (naming the file) when
-    a file cannot be read or parsed."""
+    docstring). ``cgroup2`` is the v2 hierarchy (``/sys/fs/cgroup``, or its ``unified``
+    directory on a hybrid system), ``cpuset_v1`` where a v1 cpuset hierarchy would be
+    mounted (``/sys/fs/cgroup/cpuset``). NoSuchThread when the process is gone,
+    SysfsError (naming the file) when a file cannot be read or parsed."""
     entries = pfs.read_cgroups(procfs, pid)
     for entry in entries:
         # The cpuset controller is in exactly one hierarchy: a v1 one when listed there.
         if "cpuset" in entry.controllers:
-            return read_cpuset(Root(cgroupfs.join(V1_MOUNT)), entry.path, V1_FILES)
+            return read_cpuset(cpuset_v1, entry.path, V1_FILES)
     for entry in entries:
         if entry.hierarchy_id == 0 and not entry.controllers:
-            return read_cpuset(cgroupfs, entry.path, V2_FILES)
+            return read_cpuset(cgroup2, entry.path, V2_FILES)
     return None

@@ -30,6 +30,7 @@ from ailfmd.platform.base import (
     Topology,
 )
 from ailfmd.platform.linux import cpufreq
+from ailfmd.platform.linux.cpusets import V1_MOUNT
 from ailfmd.platform.linux.hotfiles import HotFiles, IntBank
 from ailfmd.platform.linux.hwmon import discover_hwmon
 from ailfmd.platform.linux.journal import Journal
@@ -96,7 +97,8 @@ class LinuxPlatform:
         self.cgroupfs, cgroup_note = find_cgroup2(Path(cgroupfs_root))
         self._cgroup_note = cgroup_note
         self.threads = ThreadTracker(
-            self.procfs, self.cgroupfs, targets or TargetSelector(), use_perf=use_perf, sample_every=thread_sample_every
+            self.procfs, self.cgroupfs, targets or TargetSelector(), use_perf=use_perf, sample_every=thread_sample_every,
+            cpuset_v1=Root(Path(cgroupfs_root) / V1_MOUNT),  # v1 controllers sit beside "unified"
         )
         self.slow_every = slow_every
         self._d = self._discover()

@@ -43,7 +43,7 @@ from ailfmd.errors import NoSuchThread, SysfsError, ThreadReused, WriteRefused
 from ailfmd.platform.base import ApplyOutcome, Capability, ThreadRef, ThreadSample
 from ailfmd.platform.linux import procfs as pfs
 from ailfmd.platform.linux.affinity import get_affinity, set_affinity
-from ailfmd.platform.linux.cpusets import process_cpuset
+from ailfmd.platform.linux.cpusets import V1_MOUNT, process_cpuset
 from ailfmd.platform.linux.journal import Journal
 from ailfmd.platform.linux.perf import HARDWARE_EVENT_NAMES, SOFTWARE_EVENT_NAMES, ThreadCounters, probe_pmu
 from ailfmd.platform.linux.records import make_thread_sample
@@ -107,11 +107,15 @@ class ThreadTracker:
         use_perf: bool = True,
         discover_every: int = 10,
         sample_every: int = 1,
+        cpuset_v1: Root | None = None,
     ) -> None:
         if sample_every < 1:
             raise ValueError(f"sample_every must be at least 1, got {sample_every}")
         self.procfs = procfs
         self.cgroupfs = cgroupfs
+        # Where a v1 cpuset hierarchy is mounted (hybrid systems); by default beside a v2
+        # root that is the mount point itself.
+        self.cpuset_v1 = cpuset_v1 if cpuset_v1 is not None else Root(cgroupfs.join(V1_MOUNT))
         self.selector = selector
         self.discover_every = discover_every
         self.sample_every = sample_every
@@ -200,7 +204,7 @@ class ThreadTracker:
         out: dict[int, frozenset[int] | None] = {}
         for pid in pids:
             try:
-                out[pid] = process_cpuset(self.procfs, self.cgroupfs, pid)
+                out[pid] = process_cpuset(self.procfs, self.cgroupfs, self.cpuset_v1, pid)
             except NoSuchThread:
                 out[pid] = None
             except SysfsError as e:
