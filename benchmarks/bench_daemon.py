@@ -24,6 +24,7 @@ time: once per 100 ms (caches gone cold in between, as in the daemon) and back t
 from __future__ import annotations
 
 import argparse
+import array
 import dataclasses
 import resource
 import socket
@@ -119,6 +120,34 @@ def observe_cost(platform: object, epochs: int) -> None:
     work.close()
 
 
+class Timings:
+    """Each epoch's phase durations in preallocated arrays (the benchmark's own memory
+    must not grow while it measures the daemon's)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.names: list[str] = []
+        self._cols: dict[str, array.array] = {}
+        self.n = 0
+
+    def add(self, timings_s: dict[str, float]) -> None:
+        if self.n >= self.capacity:
+            return
+        for k, v in timings_s.items():
+            col = self._cols.get(k)
+            if col is None:
+                col = self._cols[k] = array.array("d", bytes(8 * self.capacity))
+                self.names.append(k)
+            col[self.n] = v
+        self.n += 1
+
+    def clear(self) -> None:
+        self.n = 0
+
+    def column(self, name: str) -> list[float]:
+        return self._cols[name][: self.n].tolist()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -178,24 +207,25 @@ def main() -> None:
             daemon.platform.close()
             return
         daemon.start_services()
-        totals: list[float] = []
-        rss: list[int] = []
-        phases: dict[str, list[float]] = {}
+        epochs = int(args.seconds * 1000 / args.epoch_ms)
+        warm = 50
+        # Timings go into arrays allocated up front: lists of floats growing by ~250 bytes
+        # an epoch would show up in the RSS measured (~0.14 MiB a minute at 10 Hz).
+        timings = Timings(epochs + 3 * warm + 10)
+        rss = array.array("q", bytes(8 * (int(args.seconds) + 10)))
+        rss_n = 0
 
         def account(rec) -> None:  # type: ignore[no-untyped-def]
-            totals.append(rec.timings_s["total"])
-            for k, v in rec.timings_s.items():
-                phases.setdefault(k, []).append(v)
+            timings.add(rec.timings_s)
 
         daemon.loop.sinks.append(account)
         sampler_stop = threading.Event()
 
         def sample_rss() -> None:
-            while not sampler_stop.wait(1.0):
-                rss.append(rss_kib())
-
-        epochs = int(args.seconds * 1000 / args.epoch_ms)
-        warm = 50
+            nonlocal rss_n
+            while not sampler_stop.wait(1.0) and rss_n < len(rss):
+                rss[rss_n] = rss_kib()
+                rss_n += 1
         daemon.loop.tick()
         for _ in range(warm):
             daemon.loop.tick()
@@ -204,8 +234,7 @@ def main() -> None:
             daemon.platform.observe = lambda: cached  # type: ignore[method-assign]
             for _ in range(warm):
                 daemon.loop.tick()
-        totals.clear()
-        phases.clear()
+        timings.clear()
         threading.Thread(target=sample_rss, daemon=True).start()
         # The loop thread's user-space instructions: unlike CPU time, barely moved by what
         # else the machine runs, so runs under different load compare.
@@ -217,7 +246,9 @@ def main() -> None:
         instructions = work.read_deltas().get("instructions")
         work.close()
         sampler_stop.set()
-        s = sorted(totals)
+        s = sorted(timings.column("total"))
+        phases = {k: timings.column(k) for k in timings.names}
+        rss_kibs = rss[:rss_n]
         threads = len(daemon.loop.last.observation.threads) if daemon.loop.last else 0
         every = cfg.platform.thread_sample_every
         print(f"{args.cpus} CPUs, {threads} managed threads, {len(s)} epochs at {1000 / args.epoch_ms:g} Hz "
@@ -231,10 +262,10 @@ def main() -> None:
         print(f"CPU: {100 * (c1 - c0) / (w1 - w0):.2f} % of one core")
         if instructions is not None:
             print(f"loop thread: {instructions / epochs / 1e6:.2f} M user-space instructions per epoch")
-        if rss:
-            q = max(1, len(rss) // 4)
-            print(f"RSS: first quarter {statistics.mean(rss[:q]) / 1024:.1f} MiB, "
-                  f"last quarter {statistics.mean(rss[-q:]) / 1024:.1f} MiB, max {max(rss) / 1024:.1f} MiB")
+        if rss_kibs:
+            q = max(1, len(rss_kibs) // 4)
+            print(f"RSS: first quarter {statistics.mean(rss_kibs[:q]) / 1024:.1f} MiB, "
+                  f"last quarter {statistics.mean(rss_kibs[-q:]) / 1024:.1f} MiB, max {max(rss_kibs) / 1024:.1f} MiB")
     finally:
         for proc in (child, writer):
             if proc is not None:
