@@ -26,6 +26,8 @@ log = logging.getLogger("ailfmd.loop")
 Sink = Callable[[TickRecord], None]
 _INT_ONLY = frozenset({int})  # the value types of a cap mapping that needs no per-cap check
 SHIELD_SUMMARY_S = 60.0  # how often a still-acting shield is summarised in the journal
+# The source of the note that a placement outside the thread's cpuset was not made.
+CPUSET_SOURCE = "cpuset"
 
 
 class RefusalLog:
@@ -115,7 +117,7 @@ def validate_decision(decision: object, obs: Observation) -> Decision:
             cpus = cpus & inside
             if not cpus:
                 outside.append(Reason(
-                    f"thread {ref.tid}", "placement", "cpuset",
+                    f"thread {ref.tid}", "placement", CPUSET_SOURCE,
                     f"asked for cpus {format_cpu_list(c)}, outside its cpuset {format_cpu_list(inside)}: not moved"))
                 continue
         affinity[ref] = cpus

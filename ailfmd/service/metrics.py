@@ -29,6 +29,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.utils import floatToGoString
 
 from ailfmd import __version__
+from ailfmd.control.loop import CPUSET_SOURCE
 from ailfmd.control.records import MODES, TickRecord
 from ailfmd.platform.base import Topology
 
@@ -126,6 +127,7 @@ class DaemonMetrics:
         self._telemetry_records = 0  # across reloads, so the counter never goes back
         self._epochs = 0
         self._violations = 0
+        self._outside_cpuset = 0
         self._actions = _BoundedCounter(MAX_REASON_VALUES)  # (kind, source)
         self._shield = _BoundedCounter(MAX_REASON_VALUES)  # (reason,)
         self._fallbacks = _BoundedCounter(MAX_REASON_VALUES)  # (reason,)
@@ -180,7 +182,9 @@ class DaemonMetrics:
             self._violations += len(record.violations)
             actions = self._actions
             for r in record.decision.reasons:
-                if r.kind != "fallback":  # a note that the fallback decided, not an actuation
+                if r.source == CPUSET_SOURCE:  # a placement not made: not an actuation
+                    self._outside_cpuset += 1
+                elif r.kind != "fallback":  # a note that the fallback decided, not an actuation
                     actions.inc((r.kind, r.source))
             for r in record.shield:
                 self._shield.inc((self._reason(r.detail),))
@@ -214,7 +218,7 @@ class DaemonMetrics:
                 "placements": dict(self._placements.counts),
                 "apply_failures": dict(self._apply_failures.counts),
             }
-            epochs, violations = self._epochs, self._violations
+            epochs, violations, outside_cpuset = self._epochs, self._violations, self._outside_cpuset
             telemetry = self._telemetry
             inference = self._inference.family(
                 "ailfm_policy_inference_seconds", "Time the deciding policy took per epoch."
@@ -227,6 +231,10 @@ class DaemonMetrics:
         yield CounterMetricFamily("ailfm_epochs_total", "Control epochs run.", value=epochs)
         yield CounterMetricFamily(
             "ailfm_thermal_violations_total", "CPU-epochs with a temperature at or above the limit.", value=violations
+        )
+        yield CounterMetricFamily(
+            "ailfm_placements_outside_cpuset_total",
+            "Placements a policy asked for outside the thread's cpuset, not made.", value=outside_cpuset,
         )
         for name, doc, labels, key in (
             ("ailfm_actions_total", "Actuations decided, by kind and by who decided.", ["kind", "source"], "actions"),

@@ -11,6 +11,7 @@ import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
 from ailfmd import __version__
+from ailfmd.control.loop import validate_decision
 from ailfmd.control.records import TickRecord
 from ailfmd.platform.base import (
     Action,
@@ -344,3 +345,19 @@ def test_http_endpoint_serves_the_private_registry(metrics: DaemonMetrics) -> No
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
     metrics.stop()  # idempotent
+
+
+def test_placements_outside_a_cpuset_are_counted_apart_not_as_actions(metrics: DaemonMetrics,
+                                                                        registry: CollectorRegistry) -> None:
+    """validate_decision's note for a placement it did not make is no actuation."""
+    obs = make_record().observation
+    confined = replace(obs, threads={**obs.threads, 102: replace(obs.threads[102], cpuset=frozenset({1}))})
+    asked = Decision(Action(affinity={T102: frozenset({3})}),
+                     (Reason("thread 102", "placement", "policy:onnx", "model moves thread to cpu 3"),))
+    decision = validate_decision(asked, confined)
+    for epoch in range(2):
+        metrics.update(replace(make_record(epoch), observation=confined, decision=decision))
+    get = registry.get_sample_value
+    assert get("ailfm_placements_outside_cpuset_total") == 2
+    assert get("ailfm_actions_total", {"kind": "placement", "source": "policy:onnx"}) is None
+    assert all(s["source"] != "cpuset" for s in samples(registry, "ailfm_actions_total"))
