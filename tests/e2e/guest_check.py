@@ -209,6 +209,24 @@ def main() -> int:
     check("ailfmctl status --json shows every workload thread",
           set(threads) <= set(managed),
           f"workload {sorted(threads)}, managed {sorted(managed)} {status.get('error', '')}")
+    # --- cpusets: what the daemon read against what systemd and /proc say ------------
+    effective = show(WORKLOAD_UNIT, "EffectiveCPUs").get("EffectiveCPUs", "")
+    sets = {tid: managed[tid].get("cpuset") for tid in threads if tid in managed}
+    print(f"INFO workload EffectiveCPUs={effective!r}; cpusets in status: "
+          f"{sorted({str(c) for c in sets.values()})}", flush=True)
+    if effective:
+        # The unit's cgroup has the cpuset controller: that is the set the kernel enforces.
+        check("status shows the workload unit's cpuset (systemd EffectiveCPUs)",
+              bool(sets) and all(c is not None and parse_cpu_list(c) == parse_cpu_list(effective)
+                                 for c in sets.values()), f"EffectiveCPUs {effective!r}, status {sets}")
+    else:
+        # No cpuset controller for the unit: a cpuset read higher up must still hold every
+        # thread's affinity (the kernel keeps affinities inside the cpuset).
+        allowed = {tid: cpus_allowed(wpid, tid) for tid in sets}
+        check("status cpusets contain each thread's affinity",
+              bool(sets) and all(c is None or (a is not None and parse_cpu_list(a) <= parse_cpu_list(c))
+                                 for c, a in ((sets[t], allowed[t]) for t in sets)),
+              f"cpusets {sets}, affinities {allowed}")
     d_ = status.get("daemon", {})
     check("daemon in enforce mode on platform linux",
           d_.get("mode") == "enforce" and d_.get("platform") == "linux" and not d_.get("paused"), str(d_))
