@@ -1,6 +1,7 @@
 """Cost of one learned-policy decision, and how much cheaper it is than the oracle's.
 
-Run: ``OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/bench_decision.py [--policy policies/default.onnx]``
+Run: ``OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/bench_decision.py [--policy policies/default.onnx]
+[--every-ms 100]``
 
 1. **64 CPUs x 64 threads**: ``OnnxPolicy.decide`` (features, onnxruntime runs of the
    cap and move heads on 64 + 64 rows and of the destination head on 64 rows per moving
@@ -80,6 +81,33 @@ def synthetic(policy_path: str, threads: int, repeat: int) -> None:
               f"{percentiles(samples)}")
 
 
+def paced(policy_path: str, threads: int, every_ms: float, repeat: int) -> None:
+    """The steady state once every ``every_ms``, as the daemon decides, in the thread's
+    CPU time: between two decisions the caches go cold, as they do in ``ailfmd``."""
+    chip = load_chip("3d-64")
+    topo = SimPlatform(chip, load_workload("tiny-test"), seed=1).topology()
+    rng = np.random.default_rng(7)
+    obs = [observation(chip.n_cores, threads, 10.0 + 0.1 * i, rng) for i in range(2)]
+    policy = OnnxPolicy(policy_path, service=False)
+    policy.move_threshold = 1.0
+    policy.reset(topo, None)  # type: ignore[arg-type]
+    for _ in range(2):
+        obs = [settled(o, policy.decide(o).action) for o in obs]
+    for i in range(50):
+        policy.decide(obs[i % 2])
+    cold, warm = [], []
+    for i in range(repeat):
+        time.sleep(every_ms / 1000.0)
+        t0 = time.thread_time_ns()
+        policy.decide(obs[i % 2])
+        t1 = time.thread_time_ns()
+        policy.decide(obs[(i + 1) % 2])  # right after: caches warm
+        cold.append(t1 - t0)
+        warm.append(time.thread_time_ns() - t1)
+    print(f"decide, {chip.n_cores} CPUs x {threads} threads, no thread moves, CPU time: "
+          f"once every {every_ms:g} ms {percentiles(cold)}; right after another {percentiles(warm)}")
+
+
 def same_states(policy_path: str, seconds: float) -> None:
     chip, workload = load_chip("3d-64"), load_workload("decode-heavy")
     scenario = Scenario(chip, workload, 0, seconds)
@@ -120,7 +148,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=3000)
     ap.add_argument("--seconds", type=float, default=10.0, help="simulated seconds of the oracle run")
+    ap.add_argument("--every-ms", type=float, default=None,
+                    help="only the steady state, one decision per this many ms (the daemon: 100)")
     args = ap.parse_args()
+    if args.every_ms is not None:
+        paced(args.policy, args.threads, args.every_ms, min(args.repeat, 600))
+        return
     synthetic(args.policy, args.threads, args.repeat)
     same_states(args.policy, args.seconds)
 
