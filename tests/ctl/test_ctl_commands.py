@@ -69,7 +69,8 @@ def tick(epoch: int) -> TickRecord:
                     2_900_000, 2_400_000 if c == 7 else 3_500_000, 800_000, 3_500_000)
         for c, t in TEMPS.items()
     }
-    threads = {501: ThreadSample(ThreadRef(500, 501, 9), "llama-server", 7, frozenset({4, 5, 6, 7}))}
+    threads = {501: ThreadSample(ThreadRef(500, 501, 9), "llama-server", 7, frozenset({4, 5, 6, 7}), {},
+                                 frozenset(range(8)))}
     return TickRecord(
         epoch=epoch, time_s=float(epoch), wall_time_s=1_700_000_000.0 + epoch, mode="enforce", paused=False,
         policy_name="onnx", observation=Observation(float(epoch), cpus, threads),
@@ -158,7 +159,7 @@ def test_status_json(running: tuple[Daemon, Path]) -> None:
     assert doc["cpus"][7]["source"] == "platform_coretemp_0/temp9" and doc["cpus"][7]["violation"] is True
     assert doc["heatmap"]["kind"] == ("layers" if d.topology.cpus[0].position else "packages")
     assert doc["threads"] == [{"tid": 501, "pid": 500, "comm": "llama-server", "cpus": [4, 5, 6, 7],
-                               "cpu_list": "4-7", "cpuset": None, "last_cpu": 7}]
+                               "cpu_list": "4-7", "cpuset": "0-7", "last_cpu": 7}]
     assert doc["last_epoch"]["landing_cap_fraction"] == 0.25
 
 
@@ -214,7 +215,9 @@ def test_status_draws_the_heat_map_in_plain_text(running: tuple[Daemon, Path]) -
     assert "landing caps: idle CPUs held at 25% of their frequency range" in out
     cpu7 = next(line for line in lines if line.split()[:1] == ["7"] and "coretemp" in line)
     assert "81.5 C !" in cpu7 and cpu7.rstrip().endswith("80.0 C")  # the LIMIT column
-    assert "llama-server" in out and "4-7" in out
+    thread = next(line for line in lines if line.split()[:1] == ["501"])
+    assert thread.split() == ["501", "500", "llama-server", "4-7", "0-7", "7"]  # CPUS, CPUSET, LAST CPU
+    assert "CPUSET" in out
 
 
 def _run_on_tty(args: list[str], env: Mapping[str, str]) -> str:
