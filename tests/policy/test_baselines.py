@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -397,3 +398,37 @@ def test_stepwise_follows_the_kernel_step_wise_law():
     assert state(76.0, 0.6) == 0  # below trip and falling: released
     assert state(75.0, 0.7) == 0
     assert state(76.5, 0.8) == 0  # rising but below trip: nothing
+
+
+# --------------------------------------------------------------------------- cpusets
+
+
+def confined(tid: int, cpuset: frozenset[int], cpu: int | None = None, **counters: float) -> ThreadSample:
+    """A thread of a process whose cgroup cpuset is ``cpuset`` (its affinity the same)."""
+    return replace(thread(tid, cpu, cpuset, **counters), cpuset=cpuset)
+
+
+@pytest.mark.parametrize("name", ("tsp", "pcgov", "hotpotato"))
+def test_placing_baselines_put_new_threads_inside_their_cpusets(name: str) -> None:
+    """Every baseline that places threads picks their CPUs inside their cpusets, as the
+    kernel would otherwise refuse them (without a chip model tsp and pcgov fall back to
+    their fixed orders, which start at cpu 0)."""
+    high = frozenset({5, 6, 7})
+    temps = {c: 50.0 + c for c in range(8)}  # cpu 0 coolest: every order starts low
+    threads = [confined(1000 + i, high) for i in range(4)] + [thread(2000)]
+    d = get_baseline(name).decide(obs(temps, threads=threads))
+    pins = {r.tid: c for r, c in d.action.affinity.items()}
+    assert all(pins[1000 + i] <= high for i in range(4))  # four threads share three CPUs
+    assert pins[2000] <= frozenset({0, 1, 2, 3, 4})  # unconfined: the order's first free CPU
+
+
+def test_hotpotato_rotates_a_thread_only_inside_its_cpuset() -> None:
+    p = HotPotatoBaseline(period_s=0.1)
+    low = frozenset({0, 1, 2, 3})
+    p.decide(obs({c: 50.0 for c in range(8)}, t=0.0))
+    p._placed = {1000: 1, 1001: 2}
+    threads = [confined(1000, low, 1, task_clock_ns=9e7), confined(1001, low, 2, task_clock_ns=9e7)]
+    # cpu 1 is the hottest; the coolest CPUs (6, 7) are outside the cpuset: cpu 3 it is.
+    temps = {0: 58.0, 1: 75.0, 2: 60.0, 3: 55.0, 4: 57.0, 5: 56.0, 6: 40.0, 7: 41.0}
+    d = p.decide(obs(temps, t=0.1, threads=threads))
+    assert {r.tid: set(c) for r, c in d.action.affinity.items()} == {1000: {3}}

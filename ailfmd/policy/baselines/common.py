@@ -7,7 +7,7 @@ so that a decision lists exactly what it asks the platform to do.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 from ailfmd.platform.base import CpuState, Observation, ThreadRef, ThreadSample
 from ailfmd.policy.base import Reason
@@ -103,6 +103,17 @@ def pin_changes(obs: Observation, placement: Mapping[int, int], source: str,
         reasons.append(Reason(f"thread {tid}", "placement", source, detail(sample, cpu),
                               predicted=f"runs on cpu {cpu}"))
     return out, reasons
+
+
+def least_loaded(order: Sequence[int], load: Mapping[int, int], cpuset: frozenset[int] | None) -> int:
+    """The first CPU of ``order`` with the fewest threads (``load``) among those the
+    thread's ``cpuset`` holds; among all of ``order`` when it holds none of them or is
+    None (unknown: unrestricted). ``order`` must not be empty."""
+    allowed = [c for c in order if c in cpuset] if cpuset is not None else order
+    if not allowed:
+        allowed = order
+    least = min(load.get(c, 0) for c in allowed)
+    return next(c for c in allowed if load.get(c, 0) == least)
 
 
 def mpki(sample: ThreadSample) -> float | None:

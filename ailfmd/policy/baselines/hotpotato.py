@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from ailfmd.platform.base import Action, Capabilities, Observation, ThreadSample, Topology
 from ailfmd.policy.base import Decision
-from ailfmd.policy.baselines.common import cap_changes, ladders_khz, pin_changes
+from ailfmd.policy.baselines.common import cap_changes, ladders_khz, least_loaded, pin_changes
 
 SOURCE = "policy:hotpotato"
 
@@ -58,8 +58,7 @@ class HotPotatoBaseline:
         # Coolest first; a CPU without a reading counts as neither hot nor cool (last).
         by_cool = sorted(obs.cpus, key=lambda c: (c not in temps, temps.get(c, 0.0), c))
         for tid in sorted(t for t in obs.threads if t not in placed and load):
-            least = min(load.values())
-            cpu = next(c for c in by_cool if load[c] == least)
+            cpu = least_loaded(by_cool, load, obs.threads[tid].cpuset)
             placed[tid], load[cpu] = cpu, load[cpu] + 1
             why[tid] = f"new thread: coolest least-loaded cpu {cpu}"
 
@@ -97,16 +96,19 @@ class HotPotatoBaseline:
                 break
             if h in used:
                 continue
-            c = next((c for c in cool if c not in used and c != h), None)
+            out = busiest(h)
+            inside = obs.threads[out].cpuset
+            c = next((c for c in cool if c not in used and c != h and (inside is None or c in inside)), None)
             if c is None or temps[h] - temps[c] < self.min_delta_c:
                 break
             used.update((h, c))
             moves += 1
-            out = busiest(h)
             placed[out] = c
             why[out] = (f"rotation: hottest busy cpu {h} ({temps[h]:.1f} C) -> "
                         f"coolest cpu {c} ({temps[c]:.1f} C)")
             if on_cpu.get(c):
                 back = busiest(c)
-                placed[back] = h
-                why[back] = f"rotation: exchanged from cpu {c} to cpu {h}"
+                back_set = obs.threads[back].cpuset
+                if back_set is None or h in back_set:  # else it stays and shares cpu c
+                    placed[back] = h
+                    why[back] = f"rotation: exchanged from cpu {c} to cpu {h}"

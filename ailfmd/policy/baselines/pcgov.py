@@ -45,6 +45,7 @@ from ailfmd.policy.baselines.common import (
     cap_changes,
     ipc,
     ladders_khz,
+    least_loaded,
     level_at_or_below,
     mpki,
     pin_changes,
@@ -133,8 +134,7 @@ class PcgovBaseline(UsesChipModel):
         pending = sorted((t for t in obs.threads if t not in placed),
                          key=lambda t: (classes[t] != MEMORY, -(mpki(obs.threads[t]) or 0.0), t))
         for tid in pending:
-            least = min(load.values())
-            cpu = next(c for c in orders[classes[tid]] if load[c] == least)
+            cpu = least_loaded(orders[classes[tid]], load, obs.threads[tid].cpuset)
             placed[tid] = cpu
             load[cpu] += 1
         return placed

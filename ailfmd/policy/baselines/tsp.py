@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from ailfmd.platform.base import Action, Capabilities, Observation, Topology
 from ailfmd.policy.base import Decision
-from ailfmd.policy.baselines.common import cap_changes, ladders_khz, level_at_or_below, pin_changes
+from ailfmd.policy.baselines.common import cap_changes, ladders_khz, least_loaded, level_at_or_below, pin_changes
 
 if TYPE_CHECKING:
     from ailfmd.sim.chip import Chip
@@ -99,7 +99,8 @@ class UsesChipModel:
 
 
 def fixed_order_placement(obs: Observation, order: list[int], placed: dict[int, int]) -> dict[int, int]:
-    """Threads (by tid) -> CPU: keep ``placed`` ones, give new ones the first free CPU."""
+    """Threads (by tid) -> CPU: keep ``placed`` ones, give new ones the first free CPU
+    (of their cpuset)."""
     live = {tid: cpu for tid, cpu in placed.items() if tid in obs.threads and cpu in obs.cpus}
     if not order:
         return live
@@ -109,8 +110,7 @@ def fixed_order_placement(obs: Observation, order: list[int], placed: dict[int, 
     for tid in sorted(obs.threads):
         if tid in live:
             continue
-        least = min(load.values())
-        cpu = next(c for c in order if load[c] == least)
+        cpu = least_loaded(order, load, obs.threads[tid].cpuset)
         live[tid] = cpu
         load[cpu] += 1
     return live
