@@ -33,6 +33,7 @@ from ailfmd import __version__
 from ailfmd.control.records import TickRecord
 from ailfmd.errors import AilfmError
 from ailfmd.platform.base import Observation, Topology
+from ailfmd.platform.linux.sysfs import format_cpu_list
 from ailfmd.policy.feature_schema import CORE_COLUMNS, FEATURE_SCHEMA, THREAD_COLUMNS
 from ailfmd.policy.features import FeatureExtractor
 from ailfmd.service.config import TelemetrySettings
@@ -165,11 +166,24 @@ class TelemetryRecorder:
         for ref, cpus in action.affinity.items():
             if ref.tid in row and len(cpus) == 1:
                 pinned[row[ref.tid]] = next(iter(cpus))
+        # Each thread's cpuset, as an index into the epoch's distinct ones (usually one or
+        # none): a [threads, CPUs] mask would double the record for what is one list.
+        cpusets: list[str] = []
+        seen: dict[frozenset[int], int] = {}
+        cpuset_index = np.full(len(fs.tids), -1, dtype=np.int64)
+        for i, tid in enumerate(fs.tids):
+            cs = obs.threads[tid].cpuset
+            if cs is not None:
+                k = seen.get(cs)
+                if k is None:
+                    k = seen[cs] = len(cpusets)
+                    cpusets.append(format_cpu_list(cs))
+                cpuset_index[i] = k
         meta = {
             "epoch": rec.epoch, "time_s": rec.time_s, "wall_time_s": rec.wall_time_s, "mode": rec.mode,
             "paused": rec.paused, "policy": rec.policy_name, "fallback": rec.fallback,
             "applied": rec.applied is not None, "limit_c": rec.limit_c, "violations": list(rec.violations),
-            "shield_actions": len(rec.shield), "epoch_s": fs.epoch_s,
+            "shield_actions": len(rec.shield), "epoch_s": fs.epoch_s, "cpusets": cpusets,
         }
         meta = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in meta.items()}
         arrays = {
@@ -182,6 +196,7 @@ class TelemetryRecorder:
             "tids": np.array(fs.tids, dtype=np.int64),
             "pids": np.array([r.pid for r in fs.refs], dtype=np.int64),
             "last_cpu": _int_or([obs.threads[t].last_cpu for t in fs.tids]),
+            "cpuset_index": cpuset_index,
             "thread": fs.thread_features,
             "kernel_class": fs.kernel_class.astype(np.int64),
             "cap_set_khz": caps,

@@ -192,6 +192,7 @@ def test_on_a_linux_machine_tree_it_records_the_managed_threads(machine_sys, tmp
     """A real process's threads on the fixture Xeon: one row each, with the CPU it ran on."""
     import dataclasses
 
+    from ailfmd.platform.linux.sysfs import parse_cpu_list
     from ailfmd.platform.linux.targets import TargetSelector
     from childproc import THREADS_CHILD, child_process
 
@@ -211,6 +212,11 @@ def test_on_a_linux_machine_tree_it_records_the_managed_threads(machine_sys, tmp
         a = step.arrays
         assert a["tids"].tolist() == tids and set(a["pids"].tolist()) == {proc.pid}
         assert a["last_cpu"].tolist() == [tick.observation.threads[t].last_cpu for t in tids]
+        # The cpusets this machine's cgroups give the process (None where it has none).
+        sets = step.meta["cpusets"]
+        recorded = [None if k < 0 else frozenset(parse_cpu_list(sets[k])) for k in a["cpuset_index"].tolist()]
+        assert recorded == [tick.observation.threads[t].cpuset for t in tids]
+        assert len(sets) == len(set(sets)) <= 1  # one process: one cpuset at most
         assert a["thread"].shape == (4, len(THREAD_COLUMNS)) and a["core"].shape[0] == len(a["cpus"])
         # The fixture's coretemp sensors report 86 °C; the configured 85 °C is lower.
         assert set(a["limit_c"].tolist()) == {85.0}
