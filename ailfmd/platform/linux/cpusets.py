@@ -41,7 +41,7 @@ def read_cpuset(cgroupfs: Root, path: str, files: tuple[str, ...]) -> frozenset[
                     continue
                 raise
             try:
-                cpus = parse_cpu_list(text, cgroupfs.rel(cgroupfs.join(rel)))
+                cpus = parse_cpu_list(text)  # SysfsError below names the file
             except ValueError as e:
                 raise SysfsError(rel, str(e)) from None
             # An empty effective set only exists while a cpuset is being changed; the
