@@ -283,11 +283,12 @@ def cpus_to_share(obs: Observation, fs: FeatureSet) -> int:
     """How many CPUs the managed threads may use: the online CPUs, or those of their
     cpusets when every thread has one. With more threads than that, threads must share
     CPUs, and ``forced_movers`` must not ask for a CPU of its own for each."""
-    room: set[int] = set()
-    for sample in obs.threads.values():
-        if sample.cpuset is None:
-            return len(fs.cpus)
-        room |= sample.cpuset
+    # Threads of one process share one cpuset object's value: collect the few distinct
+    # sets (a frozenset caches its hash) instead of a set union per thread every epoch.
+    sets = {s.cpuset for s in obs.threads.values()}
+    if not sets or None in sets:
+        return len(fs.cpus)
+    room = frozenset().union(*sets)
     return len(room & fs.cpu_index.keys()) if room else len(fs.cpus)
 
 
