@@ -109,9 +109,7 @@ def least_loaded(order: Sequence[int], load: Mapping[int, int], cpuset: frozense
     """The first CPU of ``order`` with the fewest threads (``load``) among those the
     thread's ``cpuset`` holds; among all of ``order`` when it holds none of them or is
     None (unknown: unrestricted). ``order`` must not be empty."""
-    allowed = [c for c in order if c in cpuset] if cpuset is not None else order
-    if not allowed:
-        allowed = order
+    allowed = ([c for c in order if c in cpuset] if cpuset is not None else None) or order
     least = min(load.get(c, 0) for c in allowed)
     return next(c for c in allowed if load.get(c, 0) == least)
 
